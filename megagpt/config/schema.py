@@ -1,0 +1,225 @@
+"""Every setting megagpt has, as nested dataclasses.
+
+The string under each field is its documentation: `megagpt config fields` prints it,
+and a test checks that no field goes without one. The defaults are the tiny CPU
+model that `megagpt demo` trains; the presets in `configs/` override them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    """Number of token ids the tokenizer produces (50257 for the GPT-2 tokenizer)."""
+
+    pad_vocab_size_to_multiple_of: int = 1
+    """Round the embedding and output size up to a multiple of this, as Megatron's
+    --make-vocab-size-divisible-by (128 makes GPU matmuls faster); 1 keeps it exact."""
+
+    max_seq_len: int = 256
+    """Longest sequence the model accepts: the size of the learned position table."""
+
+    n_layers: int = 4
+    """Number of transformer blocks."""
+
+    hidden_size: int = 192
+    """Width of the residual stream (d_model)."""
+
+    n_heads: int = 6
+    """Attention heads; must divide hidden_size (head size = hidden_size / n_heads)."""
+
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; must divide n_heads. None means
+    n_heads (plain multi-head attention); 1 is multi-query attention."""
+
+    ffn_hidden_size: int | None = None
+    """Width of the MLP. None means 4 x hidden_size for GELU, and 8/3 x hidden_size
+    rounded up to a multiple of 64 for SwiGLU (about the same parameter count)."""
+
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    """MLP activation: GPT-2's tanh-approximated GELU, or Llama's SwiGLU."""
+
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalization before attention, before the MLP, and after the last block."""
+
+    norm_eps: float = 1e-5
+    """Epsilon added to the variance inside every norm."""
+
+    position_embedding: Literal["learned", "rope"] = "learned"
+    """Absolute learned positions (GPT-2/3) or rotary embeddings on queries and keys."""
+
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies (only used with position_embedding=rope)."""
+
+    bias: bool = True
+    """Biases in linear layers and LayerNorms (GPT-2: true; Llama: false)."""
+
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output layer."""
+
+    fused_qkv: bool = True
+    """Compute queries, keys and values with one matmul instead of three."""
+
+    dropout: float = 0.0
+    """Dropout on embeddings and on the output of attention and MLP (0 disables)."""
+
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (0 disables)."""
+
+    init_std: float = 0.02
+    """Standard deviation of the normal initialization. Output projections of every
+    block use init_std / sqrt(2 x n_layers), as GPT-2 and Megatron do."""
+
+
+@dataclass
+class ParallelConfig:
+    data_parallel_size: int | None = None
+    """Number of data-parallel replicas; None infers it from the world size."""
+
+
+@dataclass
+class DataConfig:
+    path: list[str] = field(default_factory=list)
+    """Dataset prefixes (each names a <prefix>.bin and <prefix>.idx pair), optionally
+    weighted as Megatron's --data-path: "0.3 corpusA 0.7 corpusB"."""
+
+    split: str = "969,30,1"
+    """Relative sizes of the train, validation and test splits, by documents."""
+
+    tokenizer: str | None = None
+    """Path of the sentencepiece .model file the data was tokenized with."""
+
+    seq_len: int = 128
+    """Tokens per training sample; at most model.max_seq_len."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
+
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+
+    weight_decay: float = 0.1
+    """AdamW weight decay; never applied to biases, norms or embeddings."""
+
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    warmup_steps: int = 50
+    """Steps of linear warmup from 0 to lr."""
+
+    decay_style: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """Schedule after warmup: cosine or linear decay to min_lr, WSD (constant lr,
+    then a linear decay over the last wsd_decay_fraction of the steps), or constant."""
+
+    decay_steps: int | None = None
+    """Steps from the end of warmup to min_lr; None means until train.max_steps."""
+
+    wsd_decay_fraction: float = 0.2
+    """Fraction of the post-warmup steps spent decaying under decay_style=wsd."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600
+    """Optimizer steps to train for."""
+
+    global_batch_size: int = 16
+    """Sequences per optimizer step, summed over all data-parallel ranks."""
+
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass on one rank; gradient accumulation makes
+    up the rest: global_batch_size / (micro_batch_size x data-parallel size) passes."""
+
+    seed: int = 1234
+    """Seed of weight initialization, data order and dropout."""
+
+    output_dir: str = "runs/default"
+    """Directory for everything a run writes: resolved config, metrics, TensorBoard
+    events and checkpoints."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: bf16 autocast (weights and optimizer stay fp32) or fp32.
+    auto picks bf16 on GPUs that support it and fp32 on CPU."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto uses CUDA when it is available."""
+
+    eval_interval: int = 100
+    """Evaluate on the validation split every this many steps, and at the end; 0 never."""
+
+    eval_iters: int = 4
+    """Global batches of validation data per evaluation."""
+
+    compile: bool = False
+    """Compile the model with torch.compile."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Save a checkpoint every this many steps; 0 saves only at the end of training."""
+
+    dir: str | None = None
+    """Checkpoint directory; None means <train.output_dir>/checkpoints."""
+
+    keep_last: int = 2
+    """Keep this many of the newest checkpoints and delete older ones; 0 keeps all."""
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    """Log training metrics every this many steps (and at the first and last step)."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files to <train.output_dir>/tensorboard."""
+
+    level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+    """Console log level of rank 0."""
+
+    all_ranks: bool = False
+    """Log from every rank instead of only rank 0."""
+
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device at the training precision, for MFU. None looks
+    up known GPUs and measures fp32 matmul throughput on CPU."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Shape of the network."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the work is split across processes."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the tokens come from and how they are cut into samples."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Length, batch and precision of the run."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When and where checkpoints are written."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """What is logged and where."""
