@@ -1,0 +1,38 @@
+"""Construct a GPT: on the meta device first (no memory), then materialized."""
+
+from __future__ import annotations
+
+import torch
+
+from megagpt.config.schema import ModelConfig
+from megagpt.model.gpt import GPT
+
+
+def build_model(
+    cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None
+) -> GPT:
+    """Build and initialize a GPT on `device`.
+
+    Construction happens on `meta`, so a model larger than host memory can be sharded
+    (by the caller, between `build_meta_model` and `materialize`) before any weight
+    exists. `seed` makes initialization reproducible across processes.
+    """
+    return materialize(build_meta_model(cfg), device, seed)
+
+
+def build_meta_model(cfg: ModelConfig) -> GPT:
+    with torch.device("meta"):
+        return GPT(cfg)
+
+
+def materialize(model: GPT, device: torch.device | str, seed: int | None = None) -> GPT:
+    """Allocate the meta model's storage on `device` and initialize it."""
+    model.to_empty(device=device)
+    model.tie_weights()
+    if seed is None:
+        model.init_weights()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.init_weights()
+    return model

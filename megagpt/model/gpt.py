@@ -1,0 +1,254 @@
+"""A Megatron-style GPT in one file, with no torch.distributed inside.
+
+Token embedding (+ learned positions, or rotary on queries/keys), N pre-norm blocks,
+a final norm and the LM head. Parallelism is applied from outside by plans keyed on
+the stable module names used here (`layers.3.attn.qkv_proj`, ...), and a pipeline
+stage is this model with the other layers set to None. Build it on the `meta`
+device, move it with `to_empty`, then call `init_weights()`.
+
+Shapes in comments: B batch, T sequence, C hidden size, H heads, G key/value heads,
+D head size, V (padded) vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megagpt.config.schema import ModelConfig
+from megagpt.model.kv_cache import KVCache
+
+
+def padded_vocab_size(cfg: ModelConfig) -> int:
+    multiple = cfg.pad_vocab_size_to_multiple_of
+    return math.ceil(cfg.vocab_size / multiple) * multiple
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    if cfg.ffn_hidden_size is not None:
+        return cfg.ffn_hidden_size
+    if cfg.activation == "swiglu":  # 2/3 of 4C keeps the parameter count of a GELU MLP
+        return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
+    return 4 * cfg.hidden_size
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, ...]:
+    """cos and sin tables (max_seq_len, D) in the half-split layout Llama checkpoints use."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by position; cos/sin are (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.head_dim = cfg.hidden_size // cfg.n_heads
+        n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.q_per_kv = cfg.n_heads // n_kv_heads
+        self.dropout = cfg.attention_dropout
+        d, c = self.head_dim, cfg.hidden_size
+        if cfg.fused_qkv:
+            # Rows grouped per key/value head: [q x q_per_kv, k, v] for group 0, then
+            # group 1, ... so splitting the rows into equal column-parallel shards gives
+            # every rank whole groups (Megatron's layout).
+            self.qkv_proj = nn.Linear(c, (cfg.n_heads + 2 * n_kv_heads) * d, bias=cfg.bias)
+        else:
+            self.q_proj = nn.Linear(c, cfg.n_heads * d, bias=cfg.bias)
+            self.k_proj = nn.Linear(c, n_kv_heads * d, bias=cfg.bias)
+            self.v_proj = nn.Linear(c, n_kv_heads * d, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.n_heads * d, c, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        d = self.head_dim
+        # Head counts are inferred (-1) so the same code runs on tensor-parallel shards.
+        if hasattr(self, "qkv_proj"):
+            qkv = self.qkv_proj(x).view(B, T, -1, self.q_per_kv + 2, d)  # (B, T, G, q+2, D)
+            q = qkv[:, :, :, : self.q_per_kv].reshape(B, T, -1, d)  # (B, T, H, D)
+            k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # (B, T, G, D)
+        else:
+            q = self.q_proj(x).view(B, T, -1, d)
+            k = self.k_proj(x).view(B, T, -1, d)
+            v = self.v_proj(x).view(B, T, -1, d)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, D)
+
+        mask, causal = None, True
+        if kv_cache is not None:
+            start = kv_cache.length(self.layer_index)
+            k, v = kv_cache.append(self.layer_index, k, v)
+            if start > 0:  # new queries see the whole cache and their own causal prefix
+                causal = False
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(start)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+            enable_gqa=self.q_per_kv > 1,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden_size(cfg)
+        self.swiglu = cfg.activation == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.hidden_size, hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.hidden_size, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:  # GPT-2's GELU is the tanh approximation; exports depend on matching it
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.attn_norm = build_norm(cfg)
+        self.attn = Attention(cfg, layer_index)
+        self.mlp_norm = build_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rotary=None, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), rotary, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        vocab = padded_vocab_size(cfg)
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
+        self.embed_positions = (
+            nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+            if cfg.position_embedding == "learned"
+            else None
+        )
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.final_norm = build_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
+        self.tie_weights()
+        # Rotary tables are derived state: not saved, rebuilt by init_weights().
+        head_dim = cfg.hidden_size // cfg.n_heads
+        shape = (cfg.max_seq_len, head_dim) if cfg.position_embedding == "rope" else (0,)
+        self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int = 0, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """tokens (B, T) ids -> logits (B, T, V). A pipeline stage without the embedding
+        takes hidden states (B, T, C) instead, and one without the head returns them."""
+        T = tokens.shape[1]
+        positions = slice(start_pos, start_pos + T)
+        if self.embed_tokens is not None:
+            h = self.embed_tokens(tokens)  # (B, T, C)
+            if self.embed_positions is not None:
+                idx = torch.arange(positions.start, positions.stop, device=tokens.device)
+                h = h + self.embed_positions(idx)
+            h = self.embed_dropout(h)
+        else:
+            h = tokens
+        rotary = None
+        if self.config.position_embedding == "rope":
+            rotary = (self.rope_cos[positions], self.rope_sin[positions])
+        for block in self.layers.values():
+            h = block(h, rotary, kv_cache)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.lm_head is not None:
+            h = self.lm_head(h)  # (B, T, V)
+        return h
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output layer. Call again after `to_empty`,
+        which allocates every module's parameters separately and so unties them."""
+        has_both = self.embed_tokens is not None and self.lm_head is not None
+        if self.config.tie_embeddings and has_both:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2/Megatron initialization: N(0, init_std) for matmuls and embeddings,
+        init_std / sqrt(2 x n_layers) for the projections that write into the residual
+        stream, zero biases, unit norms. Deterministic for a given torch seed."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for module in (self.embed_tokens, self.embed_positions):
+            if module is not None:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        for block in self.layers.values():
+            for name, module in block.named_modules():
+                if isinstance(module, nn.Linear):
+                    scaled = name.endswith(("out_proj", "down_proj"))
+                    nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    module.reset_parameters()
+        if self.final_norm is not None:
+            self.final_norm.reset_parameters()
+        if self.lm_head is not None and not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        if self.config.position_embedding == "rope":
+            cos, sin = rotary_tables(
+                self.rope_cos.shape[-1], self.config.max_seq_len, self.config.rope_theta
+            )
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
