@@ -1,0 +1,57 @@
+"""A seeded random permutation of [0, n) computed on demand, in O(1) memory.
+
+Megatron shuffles samples with an index array it builds (and caches) at start-up;
+for a trillion-token corpus that array is gigabytes and minutes of rank-0 time. A
+Feistel network is a bijection on [0, 4^h) for any round function, and "cycle
+walking" (re-applying it until the value falls below n) restricts it to a bijection
+on [0, n). Each lookup costs a few integer hashes, and any epoch's order can be
+computed from any position, which is what exact resume on another layout needs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_ROUNDS = 8  # 8 rounds: correlation statistics indistinguishable from a random shuffle
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a fast, well-distributed 64-bit hash (wrapping math)."""
+    x = np.asarray(x, dtype=np.uint64)
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def derive_key(*parts: int) -> int:
+    """Combine integers (seed, epoch, ...) into one 64-bit key, stably across runs."""
+    key = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        for part in parts:
+            key = mix64(np.uint64(key) ^ np.uint64(part & 0xFFFFFFFFFFFFFFFF))
+    return int(key)
+
+
+def permute(indices: np.ndarray, n: int, key: int) -> np.ndarray:
+    """Image of each index in [0, n) under the permutation selected by `key`."""
+    indices = np.asarray(indices, dtype=np.uint64)
+    if n <= 1:
+        return indices.astype(np.int64)
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    round_keys = [np.uint64(derive_key(key, r)) for r in range(_ROUNDS)]
+
+    def feistel(x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(half), x & mask
+        for round_key in round_keys:
+            left, right = right, left ^ (mix64(right ^ round_key) & mask)
+        return (left << np.uint64(half)) | right
+
+    with np.errstate(over="ignore"):
+        out = feistel(indices)
+        outside = out >= np.uint64(n)
+        while outside.any():
+            out[outside] = feistel(out[outside])
+            outside = out >= np.uint64(n)
+    return out.astype(np.int64)

@@ -1,0 +1,118 @@
+"""A small wrapper over sentencepiece: train, encode in batches, decode, special ids.
+
+Documents are separated by EOD, which is the model's EOS id, as in Megatron's GPT
+data. Models trained here also reserve PAD; for other models PAD falls back to EOS.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """A sentencepiece model with the ids a GPT data pipeline needs."""
+
+    def __init__(self, model_path: str | Path):
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer model {self.path} does not exist; train one with "
+                "Tokenizer.train(...) or megagpt-train-tokenizer, or set data.tokenizer"
+            )
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def eod_id(self) -> int:
+        """End-of-document marker appended after every document."""
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.sp.pad_id()
+        return pad if pad >= 0 else self.sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids that start a new document with `text`: training data separates documents
+        with EOD, so EOD (not BOS) is what the model has seen before a document."""
+        return [self.eod_id, *self.sp.encode(text)]
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """Encode many texts at once; sentencepiece spreads them over `num_threads`
+        threads (-1: all cores)."""
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        model_path: str | Path,
+        vocab_size: int,
+        model_type: str = "bpe",
+        byte_fallback: bool = True,
+        user_defined_symbols: Sequence[str] = (),
+        max_sentences: int = 2_000_000,
+        num_threads: int | None = None,
+    ) -> Tokenizer:
+        """Train a sentencepiece model from an iterator of texts and save it.
+
+        Each text is split into lines, which are what sentencepiece samples from; at
+        most `max_sentences` of them are kept (uniformly at random) so memory stays
+        bounded whatever the iterator yields.
+        """
+        model_path = Path(model_path)
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(texts),
+            model_writer=buffer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=0.9995,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            user_defined_symbols=list(user_defined_symbols),
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+        temporary = model_path.with_name(model_path.name + ".tmp")
+        temporary.write_bytes(buffer.getvalue())
+        os.replace(temporary, model_path)  # a half-written model never appears
+        return cls(model_path)
+
+
+def _lines(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        for line in text.splitlines():
+            line = line.strip()
+            if line:
+                yield line
