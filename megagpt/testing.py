@@ -1,0 +1,89 @@
+"""Run a function on N gloo ranks on this machine, for tests and experiments.
+
+    results = run_distributed(some_module_level_function, world_size=2, args=(...))
+
+Each rank is a fresh spawned process with one CPU thread, a joined gloo process
+group, and the torchrun environment variables set; the function's return values
+come back in rank order, and an exception on any rank is re-raised here with that
+rank's traceback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(
+    rank: int, world_size: int, port: int, fn: Callable, args: Sequence[Any], results: mp.Queue
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        value = fn(*args)
+        # The barrier before teardown: without it gloo ranks sometimes abort at exit.
+        dist.barrier()
+        dist.destroy_process_group()
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - everything is reported to the parent
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_distributed(
+    fn: Callable, world_size: int, args: Sequence[Any] = (), timeout_s: float = 300.0
+) -> list[Any]:
+    """Call `fn(*args)` on `world_size` gloo ranks; return the results by rank.
+
+    `fn` must be importable (defined at module level) since ranks are spawned.
+    """
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=_worker, args=(rank, world_size, port, fn, args, results))
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    collected: dict[int, Any] = {}
+    try:
+        for _ in range(world_size):
+            try:
+                rank, ok, value = results.get(timeout=timeout_s)
+            except queue.Empty:
+                raise TimeoutError(
+                    f"{world_size - len(collected)} of {world_size} ranks did not finish "
+                    f"within {timeout_s:.0f}s (finished: {sorted(collected)})"
+                ) from None
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            collected[rank] = value
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    return [collected[rank] for rank in range(world_size)]
