@@ -1,0 +1,177 @@
+"""The `megagpt` command: train, generate, eval, demo, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+OVERRIDES_HELP = "settings as section.key=value (e.g. optim.lr=3e-4 model.n_layers=4)"
+FIELDS_HINT = "Every setting, its type, default and meaning: megagpt config fields"
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a GPT (run under torchrun for several ranks)", epilog=FIELDS_HINT
+    )
+    p.add_argument("--config", help="YAML file, or a preset name from configs/ (gpt2-124m)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory, checkpoints/ root, or a run's output_dir",
+    )
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy decoding")
+    p.add_argument("--top-k", type=int, default=50, help="0 disables")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 disables")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-cache", action="store_true", help="recompute every position (slow)")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a data split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", choices=("train", "valid", "test"), default="valid")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="global batches to average (default: the run's train.eval_iters)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}; e.g. data.path=other")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="build data from Python's docs, train a tiny GPT, generate")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="show a resolved config, or document every field")
+    actions = p.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="print the resolved config as YAML")
+    show.add_argument("--config", help="YAML file or preset name")
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    actions.add_parser("fields", help="every setting with its type, default and meaning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megagpt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_generate, _add_eval, _add_demo, _add_config):
+        add(sub)
+    return parser
+
+
+def _train(args) -> None:
+    from megagpt.config import load_config
+    from megagpt.training.trainer import train
+
+    train(load_config(args.config, args.overrides))
+
+
+def _generate(args) -> None:
+    import torch
+
+    from megagpt.checkpoint import load_model_for_inference
+    from megagpt.generate import generate
+    from megagpt.tokenizer import Tokenizer
+
+    model, config, _ = load_model_for_inference(args.checkpoint, args.device)
+    if not config.data.tokenizer:
+        raise FileNotFoundError(f"{args.checkpoint} names no tokenizer (data.tokenizer)")
+    tokenizer = Tokenizer(config.data.tokenizer)
+    prompt = tokenizer.encode_prompt(args.prompt)
+    room = config.model.max_seq_len - len(prompt)
+    if room <= 0:
+        raise ValueError(
+            f"the prompt is {len(prompt)} tokens; the model takes {config.model.max_seq_len}"
+        )
+    batch = torch.tensor([prompt] * args.num_samples, device=args.device)
+    ids = generate(
+        model,
+        batch,
+        min(args.max_new_tokens, room),
+        args.temperature,
+        args.top_k or None,
+        args.top_p,
+        args.seed,
+        tokenizer.eod_id,
+        use_cache=not args.no_cache,
+    )
+    for row in ids.tolist():
+        print(tokenizer.decode([i for i in row if i != tokenizer.eod_id]))
+        if args.num_samples > 1:
+            print("-" * 40)
+
+
+def _eval(args) -> None:
+    from megagpt.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, args.split, args.iters, args.overrides, args.device
+    )
+    print(json.dumps(result))
+
+
+def _demo(args) -> None:
+    from megagpt.demo import run_demo
+
+    run_demo(args.output_dir, args.nproc, args.overrides)
+
+
+def _config(args) -> None:
+    from megagpt.config import config_to_yaml, load_config
+    from megagpt.config.docs import format_fields
+
+    if args.action == "fields":
+        print(format_fields())
+    else:
+        print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megagpt.checkpoint import CheckpointError
+    from megagpt.config import ConfigError
+    from megagpt.data.indexed import IndexedDatasetError
+    from megagpt.training.trainer import NonFiniteLossError
+
+    handlers = {
+        "train": _train,
+        "generate": _generate,
+        "eval": _eval,
+        "demo": _demo,
+        "config": _config,
+    }
+    try:
+        handlers[args.command](args)
+    except ConfigError as error:
+        print(f"megagpt {args.command}: configuration error: {error}", file=sys.stderr)
+        return 2
+    except (
+        CheckpointError,
+        IndexedDatasetError,
+        NonFiniteLossError,
+        FileNotFoundError,
+        ValueError,
+    ) as error:
+        print(f"megagpt {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
