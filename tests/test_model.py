@@ -1,0 +1,159 @@
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megagpt.config import load_config
+from megagpt.config.schema import ModelConfig
+from megagpt.model import build_model
+from megagpt.model.build import build_meta_model
+from megagpt.model.flops import flops_per_token, matmul_parameters, parameter_counts
+
+VARIANTS = {
+    "gpt2": {},
+    "llama": dict(
+        norm="rmsnorm",
+        activation="swiglu",
+        position_embedding="rope",
+        bias=False,
+        tie_embeddings=False,
+        n_kv_heads=2,
+    ),
+    "gqa-separate-qkv": dict(n_kv_heads=3, fused_qkv=False),
+    "mqa-rope": dict(n_kv_heads=1, position_embedding="rope"),
+    "padded-vocab": dict(vocab_size=1000, pad_vocab_size_to_multiple_of=128),
+    "dropout": dict(dropout=0.1, attention_dropout=0.1),
+}
+
+
+def small(**overrides) -> ModelConfig:
+    base = dict(vocab_size=320, max_seq_len=32, n_layers=2, hidden_size=48, n_heads=6)
+    return ModelConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_shapes_and_parameter_count_formula(name):
+    cfg = small(**VARIANTS[name])
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 17))
+    logits = model(tokens)
+    vocab = math.ceil(cfg.vocab_size / cfg.pad_vocab_size_to_multiple_of) * (
+        cfg.pad_vocab_size_to_multiple_of
+    )
+    assert logits.shape == (3, 17, vocab)
+    assert sum(p.numel() for p in model.parameters()) == parameter_counts(cfg)["total"]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causal_masking(name):
+    """A position's output must not change when any later token changes."""
+    cfg = small(**VARIANTS[name])
+    model = build_model(cfg, seed=0).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12:] = torch.randint(0, cfg.vocab_size, (2, 8))
+    a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-5)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_gpt2_124m_has_the_published_parameter_count():
+    cfg = load_config("gpt2-124m").model
+    assert (cfg.vocab_size, cfg.max_seq_len, cfg.bias, cfg.tie_embeddings) == (
+        50257,
+        1024,
+        True,
+        True,
+    )
+    model = build_meta_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+    assert parameter_counts(cfg)["total"] == 124_439_808
+
+
+@pytest.mark.parametrize(
+    "preset, hf_name",
+    [("gpt2-124m", None), ("gpt2-350m", "medium"), ("gpt2-774m", "large"), ("gpt2-1.5b", "xl")],
+)
+def test_gpt2_presets_match_transformers_parameter_counts(preset, hf_name):
+    transformers = pytest.importorskip("transformers")
+    cfg = load_config(preset).model
+    hf_config = transformers.GPT2Config(
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_positions=cfg.max_seq_len,
+        vocab_size=cfg.vocab_size,
+    )
+    with torch.device("meta"):
+        hf = transformers.GPT2LMHeadModel(hf_config)
+    assert sum(p.numel() for p in build_meta_model(cfg).parameters()) == hf.num_parameters()
+
+
+def test_meta_build_allocates_nothing_and_materializes_deterministically():
+    cfg = small()
+    meta = build_meta_model(cfg)
+    assert all(p.is_meta for p in meta.parameters())
+    a, b = build_model(cfg, seed=5), build_model(cfg, seed=5)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(
+        a.layers["0"].mlp.up_proj.weight, build_model(cfg, seed=6).layers["0"].mlp.up_proj.weight
+    )
+
+
+def test_tied_embeddings_survive_materialization():
+    model = build_model(small(), seed=0)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    untied = build_model(small(tie_embeddings=False), seed=0)
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+
+
+def test_scaled_initialization():
+    cfg = small(n_layers=8, hidden_size=256, n_heads=4)
+    model = build_model(cfg, seed=0)
+    block = model.layers["3"]
+    assert block.attn.qkv_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / math.sqrt(2 * cfg.n_layers)
+    assert block.attn.out_proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+    assert block.mlp.down_proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+    assert torch.count_nonzero(block.attn.qkv_proj.bias) == 0
+    assert torch.equal(block.attn_norm.weight, torch.ones(cfg.hidden_size))
+
+
+def test_flops_per_token_follows_palm_accounting():
+    cfg = load_config("gpt2-124m").model
+    n = matmul_parameters(cfg)
+    # the blocks' 85M plus the output layer (38.6M); the embeddings are lookups
+    assert n == 85_054_464 + 50257 * 768
+    assert flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_model_package_does_not_import_torch_distributed():
+    source = Path(__file__).parents[1] / "megagpt" / "model"
+    for path in source.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n.startswith("torch.distributed") for n in names), path
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = small(vocab_size=128, n_layers=2, hidden_size=64, n_heads=4, max_seq_len=32)
+    model = build_model(cfg, seed=0)
+    batch = torch.randint(0, cfg.vocab_size, (4, 33))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1

@@ -1,0 +1,126 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megagpt.checkpoint import load_checkpoint
+from megagpt.config import apply_overrides, load_config
+from megagpt.testing import free_port, run_distributed
+from megagpt.training.trainer import NonFiniteLossError, train
+from tests.conftest import tiny_overrides
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+
+
+def final_weights(output_dir):
+    return load_checkpoint(output_dir).model_state
+
+
+def assert_same_run(reference, other, rtol=1e-5):
+    assert len(reference.losses) == len(other.losses)
+    torch.testing.assert_close(
+        torch.tensor(other.losses), torch.tensor(reference.losses), rtol=rtol, atol=0
+    )
+    assert reference.val_losses.keys() == other.val_losses.keys()
+    for step in reference.val_losses:
+        assert other.val_losses[step] == pytest.approx(reference.val_losses[step], rel=rtol)
+
+
+def test_run_writes_config_metrics_tensorboard_and_checkpoint(tiny_config):
+    result = train(tiny_config)
+    out = Path(tiny_config.train.output_dir)
+    assert load_config(out / "config.yaml") == tiny_config
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for record in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= record.keys()
+        assert record["tokens_per_s"] > 0
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert records[-1]["loss"] == pytest.approx(result.losses[-1], rel=1e-5)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    checkpoint = load_checkpoint(out, with_optimizer=True)
+    assert checkpoint.path == out / "checkpoints" / "step_00000006"
+    assert checkpoint.metadata["step"] == 6 and checkpoint.optimizer_state is not None
+    assert checkpoint.config.model == tiny_config.model
+
+
+def test_training_reduces_the_loss(tiny_config):
+    config = apply_overrides(
+        tiny_config,
+        ["train.max_steps=40", "train.eval_interval=4", "optim.lr=3e-3", "optim.warmup_steps=5"],
+        "test",
+    )
+    result = train(config)
+    assert result.val_losses[40] < result.val_losses[4] - 0.5  # 5.9 -> 5.1 when written
+
+
+def test_gradient_accumulation_equals_one_large_batch(tiny_config):
+    one_pass = train(apply_overrides(tiny_config, ["train.micro_batch_size=8"], "test"))
+    accumulated = train(apply_overrides(tiny_config, ["train.micro_batch_size=2"], "test"))
+    assert_same_run(one_pass, accumulated)
+
+
+def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tiny_config):
+    config = apply_overrides(
+        tiny_config,
+        ["optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0", "checkpoint.interval=1"],
+        "test",
+    )
+    with pytest.raises(NonFiniteLossError, match=r"step (\d+): loss is (nan|inf)") as error:
+        train(config)
+    failed_step = int(error.value.args[0].split(":")[0].split()[1])
+    root = Path(config.train.output_dir) / "checkpoints"
+    saved = sorted(p.name for p in root.iterdir() if p.name != "latest")
+    # every checkpoint predates the failed step, none is partial, latest is the last good one
+    assert saved and all(int(name.split("_")[1]) < failed_step for name in saved)
+    assert (root / "latest").read_text().strip() == saved[-1]
+
+
+def test_two_data_parallel_ranks_match_one_process(tiny_config):
+    reference = train(tiny_config)
+    parallel_config = apply_overrides(
+        tiny_config, [f"train.output_dir={tiny_config.train.output_dir}-dp2"], "test"
+    )
+    results = run_distributed(train, world_size=2, args=(parallel_config,))
+    assert_same_run(reference, results[0])
+    assert results[0].losses == results[1].losses  # every rank logs the global loss
+    ref_weights = final_weights(tiny_config.train.output_dir)
+    dp_weights = final_weights(parallel_config.train.output_dir)
+    for name, tensor in ref_weights.items():
+        # Adam turns float noise in near-zero gradients into lr-sized steps, so weights are
+        # compared to 1e-5 absolute (they are ~0.02 in size); 1.5e-6 was seen.
+        torch.testing.assert_close(dp_weights[name], tensor, rtol=1e-5, atol=1e-5)
+
+
+def test_torchrun_command_line_matches_one_process(dataset_prefix, tokenizer, tmp_path):
+    def run(nproc, name):
+        overrides = tiny_overrides(dataset_prefix, tokenizer, tmp_path / name)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+            "-m",
+            "megagpt",
+            "train",
+            *overrides,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return read_metrics(tmp_path / name), done.stdout
+
+    single, _ = run(1, "one")
+    double, log = run(2, "two")
+    assert "data parallel: 2 replicas" in log
+    for a, b in zip(single, double):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
