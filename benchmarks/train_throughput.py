@@ -18,7 +18,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from megagpt.config import load_config
 from megagpt.config.schema import ModelConfig, OptimConfig
@@ -73,8 +72,7 @@ def make_steps(cfg, device, precision, compile_models):
 
     def step_ours(batch):
         with autocast:
-            logits = ours(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+            loss = ours(batch[:, :-1], batch[:, 1:])
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)

@@ -57,8 +57,11 @@ def test_cached_logits_match_uncached_logits():
     cache = KVCache(
         cfg.n_layers, 2, cfg.n_kv_heads, 20, cfg.hidden_size // cfg.n_heads, torch.float32, "cpu"
     )
-    parts = [model(tokens[:, :7], 0, cache), model(tokens[:, 7:12], 7, cache)]
-    parts += [model(tokens[:, i : i + 1], i, cache) for i in range(12, 20)]
+    parts = [
+        model(tokens[:, :7], start_pos=0, kv_cache=cache),
+        model(tokens[:, 7:12], start_pos=7, kv_cache=cache),
+    ]
+    parts += [model(tokens[:, i : i + 1], start_pos=i, kv_cache=cache) for i in range(12, 20)]
     # Different matmul shapes accumulate in different orders: fp32 noise of ~3e-5 on
     # logits of magnitude ~10 (seen over 200 random inputs), hence atol 1e-4.
     torch.testing.assert_close(torch.cat(parts, dim=1), reference, rtol=1e-4, atol=1e-4)

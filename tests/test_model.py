@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megagpt.config import load_config
 from megagpt.config.schema import ModelConfig
@@ -131,6 +130,14 @@ def test_flops_per_token_follows_palm_accounting():
     assert flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 768 * 1024
 
 
+def test_forward_with_targets_returns_the_mean_next_token_loss():
+    model = build_model(small(), seed=0)
+    tokens = torch.randint(0, 320, (2, 9))
+    logits = model(tokens[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    torch.testing.assert_close(model(tokens[:, :-1], tokens[:, 1:]), expected)
+
+
 def test_model_package_does_not_import_torch_distributed():
     source = Path(__file__).parents[1] / "megagpt" / "model"
     for path in source.glob("*.py"):
@@ -151,8 +158,7 @@ def test_tiny_model_overfits_one_batch():
     batch = torch.randint(0, cfg.vocab_size, (4, 33))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(200):
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        loss = model(batch[:, :-1], batch[:, 1:])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -35,6 +35,11 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
     return 4 * cfg.hidden_size
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss; logits (B, T, V) are upcast so bf16 runs reduce in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -187,10 +192,17 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int = 0, kv_cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """tokens (B, T) ids -> logits (B, T, V). A pipeline stage without the embedding
-        takes hidden states (B, T, C) instead, and one without the head returns them."""
+        """tokens (B, T) ids -> logits (B, T, V), or the mean loss if `targets` (B, T)
+        are given. The loss is computed here, inside forward, so that torch.compile
+        fuses it with the output layer and DDP/FSDP see one call. A pipeline stage
+        without the embedding takes hidden states (B, T, C) instead, and one without
+        the head returns them."""
         T = tokens.shape[1]
         positions = slice(start_pos, start_pos + T)
         if self.embed_tokens is not None:
@@ -210,6 +222,8 @@ class GPT(nn.Module):
             h = self.final_norm(h)
         if self.lm_head is not None:
             h = self.lm_head(h)  # (B, T, V)
+            if targets is not None:
+                return cross_entropy(h, targets)
         return h
 
     def tie_weights(self) -> None:

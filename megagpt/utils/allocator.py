@@ -5,7 +5,7 @@ unmaps them on free. A CPU training step allocates and frees several buffers of
 hundreds of MB (logits and their gradients), so every step faults in and zeroes
 gigabytes of pages, and with two threads most of the step is spent in the kernel.
 Serving everything from the heap and never trimming it makes steady-state steps
-allocation-free: 1.8x faster steps on this project's 2-core machine
+allocation-free: 1.4-1.7x faster steps on this project's 2-core machine
 (benchmarks/cpu_allocator.py). Peak memory is unchanged; it is just not returned.
 """
 
