@@ -109,3 +109,16 @@ def test_padded_vocabulary_ids_are_never_sampled():
     model = build_model(cfg, seed=0).eval()
     out = generate(model, torch.zeros(4, 1, dtype=torch.long), 60, temperature=5.0, seed=0)
     assert int(out.max()) < 250
+
+
+@pytest.mark.parametrize("prompt_len", [4, 40])
+def test_cached_steps_process_one_position_whatever_the_prompt(prompt_len):
+    """With the cache, every step after the prefill runs the network on one position."""
+    model = model_for("gpt2")
+    widths = []
+    hook = model.embed_tokens.register_forward_hook(
+        lambda m, args, out: widths.append(args[0].shape[1])
+    )
+    generate(model, torch.zeros(1, prompt_len, dtype=torch.long), 10, temperature=0.0)
+    hook.remove()
+    assert widths == [prompt_len] + [1] * 9
