@@ -10,7 +10,9 @@ import torch
 from megagpt.checkpoint import load_model_for_inference
 from megagpt.config import ConfigError, apply_overrides
 from megagpt.data import build_datasets
-from megagpt.training.trainer import evaluate, resolve_precision
+from megagpt.parallel.env import DistributedEnv
+from megagpt.parallel.model import ParallelModel
+from megagpt.training.trainer import autocast_for, evaluate, resolve_precision
 
 
 def evaluate_checkpoint(
@@ -33,12 +35,10 @@ def evaluate_checkpoint(
             "choose another --split or data.split"
         )
     dev = torch.device(device)
-    bf16 = resolve_precision(config, dev) == "bf16"
-
-    def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-
-    loss = evaluate(model, dataset, config, dev, 0, 1, autocast)
+    single = ParallelModel([model], config, DistributedEnv(0, 1, 0, dev))
+    single.autocast = autocast_for(resolve_precision(config, dev), dev)
+    loss = evaluate(single, dataset, config)
+    single.train(False)
     return {
         "step": metadata["step"],
         "split": split,

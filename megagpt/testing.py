@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,7 +49,9 @@ def _worker(
         # The barrier before teardown: without it gloo ranks sometimes abort at exit.
         dist.barrier()
         dist.destroy_process_group()
-        results.put((rank, True, value))
+        # Serialized here, in-band: a queue would share tensors through file
+        # descriptors that vanish when this process exits.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - everything is reported to the parent
         results.put((rank, False, traceback.format_exc()))
 
@@ -69,18 +73,31 @@ def run_distributed(
     for process in processes:
         process.start()
     collected: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
     try:
-        for _ in range(world_size):
+        while len(collected) < world_size:
             try:
-                rank, ok, value = results.get(timeout=timeout_s)
+                rank, ok, value = results.get(timeout=1.0)
             except queue.Empty:
-                raise TimeoutError(
-                    f"{world_size - len(collected)} of {world_size} ranks did not finish "
-                    f"within {timeout_s:.0f}s (finished: {sorted(collected)})"
-                ) from None
+                # A rank that crashed (segfault, import error, os._exit) never reports.
+                dead = [
+                    (r, p.exitcode)
+                    for r, p in enumerate(processes)
+                    if r not in collected and p.exitcode is not None and p.exitcode != 0
+                ]
+                if dead:
+                    raise RuntimeError(
+                        f"rank(s) exited without reporting (rank, exit code): {dead}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{world_size - len(collected)} of {world_size} ranks did not finish "
+                        f"within {timeout_s:.0f}s (finished: {sorted(collected)})"
+                    ) from None
+                continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            collected[rank] = value
+            collected[rank] = pickle.loads(value)  # our own child's bytes
     finally:
         for process in processes:
             process.join(timeout=10)

@@ -20,7 +20,13 @@ def save(tiny_config, root, step, keep_last=0):
     model = build_model(tiny_config.model, seed=step)
     optimizer = build_optimizer(model, tiny_config.optim)
     path = save_checkpoint(
-        root, step, model, optimizer, tiny_config, {"loss": 1.5}, keep_last=keep_last
+        root,
+        step,
+        model.state_dict(),
+        optimizer.state_dict(),
+        tiny_config,
+        {"loss": 1.5},
+        keep_last=keep_last,
     )
     return path, model
 

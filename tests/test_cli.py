@@ -99,8 +99,15 @@ def test_missing_checkpoint_and_data_are_clear_errors(tmp_path):
     assert done.returncode == 1 and "nope.idx: file not found" in done.stderr
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_demo_end_to_end(tmp_path, nproc):
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [
+        (1, []),
+        # the command the 3-D parallelism issue names: 4 CPU processes, pipeline 2 x tensor 2
+        (4, ["parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2"]),
+    ],
+)
+def test_demo_end_to_end(tmp_path, nproc, layout):
     done = megagpt(
         "demo",
         "--nproc",
@@ -110,6 +117,7 @@ def test_demo_end_to_end(tmp_path, nproc):
         "train.max_steps=40",
         "train.eval_interval=20",
         "optim.warmup_steps=10",
+        *layout,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
@@ -126,6 +134,8 @@ def test_demo_end_to_end(tmp_path, nproc):
         for x in re.findall(r"\d+: (\d+\.\d+)", out.split("validation loss:")[1].splitlines()[0])
     ]
     assert len(losses) == 2 and losses[1] < losses[0]
+    if nproc > 1:
+        assert "pipeline 2 x data 1 x tensor 2" in out
     samples = [line for line in out.splitlines() if line.startswith("  >>> ")]
     assert len(samples) == 2 and all(len(s) > 12 for s in samples)
     rerun = megagpt("demo", "--output-dir", str(tmp_path), "train.max_steps=1")

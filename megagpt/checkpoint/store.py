@@ -56,14 +56,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_checkpoint(
     root: str | Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    model_state: dict[str, torch.Tensor] | None,
+    optimizer_state: dict[str, Any] | None,
     config: Config,
     metadata: dict[str, Any],
     keep_last: int = 0,
 ) -> Path:
-    """Save on the main rank (data-parallel replicas hold identical state); every rank
-    returns once the checkpoint is complete."""
+    """Write consolidated state from global rank 0 (the only rank that holds it);
+    every rank returns once the checkpoint is complete."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     is_main = not dist.is_initialized() or dist.get_rank() == 0
@@ -72,9 +72,9 @@ def save_checkpoint(
         if temporary.exists():
             shutil.rmtree(temporary)
         temporary.mkdir(parents=True)
-        torch.save(unwrap(model).state_dict(), temporary / "model.pt")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+        torch.save(model_state, temporary / "model.pt")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, temporary / "optimizer.pt")
         save_config(config, temporary / "config.yaml")
         tokenizer = config.data.tokenizer
         if tokenizer and Path(tokenizer).is_file():

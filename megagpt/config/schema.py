@@ -77,8 +77,35 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Ranks that split every layer's matmuls (Megatron's tensor parallelism): attention
+    heads, MLP width and vocabulary are divided among them. Keep it within a node."""
+
+    pipeline_parallel_size: int = 1
+    """Ranks that each hold a contiguous slice of the layers (pipeline stages)."""
+
     data_parallel_size: int | None = None
-    """Number of data-parallel replicas; None infers it from the world size."""
+    """Model replicas that split the global batch; None infers it as
+    world size / (tensor_parallel_size x pipeline_parallel_size)."""
+
+    zero_stage: int = 0
+    """ZeRO memory sharding across data-parallel ranks (FSDP2): 0 plain data parallel,
+    1 shards optimizer state, 2 also gradients, 3 also parameters between uses."""
+
+    sequence_parallel: bool = False
+    """With tensor parallelism, also split norms and dropout along the sequence (less
+    activation memory; needs data.seq_len divisible by tensor_parallel_size)."""
+
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    """Pipeline schedule: gpipe (all forwards, then all backwards), 1f1b, or the
+    multi-stage interleaved_1f1b and zero_bubble (need virtual_stages >= 2)."""
+
+    virtual_stages: int = 1
+    """Pipeline stages per pipeline rank (interleaving shrinks the pipeline bubble)."""
+
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward to save memory: every block's (full), or only
+    those of cheap operations while matmul and attention outputs are kept (selective)."""
 
 
 @dataclass
@@ -167,7 +194,7 @@ class TrainConfig:
     """Global batches of validation data per evaluation."""
 
     compile: bool = False
-    """Compile the model with torch.compile."""
+    """Compile every transformer block with torch.compile."""
 
 
 @dataclass

@@ -113,28 +113,79 @@ def validate_config(config: Config) -> None:
     _positive(config.logging, "logging", "log_interval")
     peak = config.logging.peak_tflops
     _check(peak is None or peak > 0, "logging.peak_tflops", peak, "must be positive or null")
-    dp = config.parallel.data_parallel_size
+    _validate_parallel(config)
+
+
+def _validate_parallel(config: Config) -> None:
+    """Layout checks that need no world size (see ParallelDims.from_config for those)."""
+    from megagpt.model.gpt import ffn_hidden_size, padded_vocab_size
+
+    p, m = config.parallel, config.model
+    _positive(p, "parallel", "tensor_parallel_size", "pipeline_parallel_size", "virtual_stages")
+    dp = p.data_parallel_size
     _check(dp is None or dp >= 1, "parallel.data_parallel_size", dp, "must be >= 1 or null")
-
-
-def validate_world_size(config: Config, world_size: int) -> int:
-    """Check the layout against the number of processes; return the data-parallel size."""
-    dp = config.parallel.data_parallel_size or world_size
     _check(
-        dp == world_size,
-        "parallel.data_parallel_size",
-        dp,
-        f"must equal the number of processes ({world_size}), or be left null to infer it",
+        p.zero_stage in (0, 1, 2, 3),
+        "parallel.zero_stage",
+        p.zero_stage,
+        "must be 0 (plain data parallel), 1, 2 or 3",
     )
-    per_pass = config.train.micro_batch_size * dp
+    tp = p.tensor_parallel_size
+    kv_heads = m.n_kv_heads or m.n_heads
+    vocab = padded_vocab_size(m)
+    for count, what in (
+        (m.n_heads, f"model.n_heads ({m.n_heads})"),
+        (kv_heads, f"the key/value heads ({kv_heads})"),
+        (ffn_hidden_size(m), f"the MLP width ({ffn_hidden_size(m)})"),
+    ):
+        _check(
+            count % tp == 0,
+            "parallel.tensor_parallel_size",
+            tp,
+            f"must divide {what}; sizes that do: {_divisors_near(count, tp)}",
+        )
     _check(
-        config.train.global_batch_size % per_pass == 0,
-        "train.global_batch_size",
-        config.train.global_batch_size,
-        f"must be a multiple of train.micro_batch_size x data-parallel size "
-        f"({config.train.micro_batch_size} x {dp} = {per_pass})",
+        vocab % tp == 0,
+        "parallel.tensor_parallel_size",
+        tp,
+        f"must divide the vocabulary ({vocab}); set model.pad_vocab_size_to_multiple_of "
+        f"to a multiple of {tp} (e.g. {128 * tp}, which is also fast on GPUs)",
     )
-    return dp
+    if p.sequence_parallel:
+        _check(
+            tp > 1, "parallel.sequence_parallel", True, "needs parallel.tensor_parallel_size > 1"
+        )
+        _check(
+            config.data.seq_len % tp == 0,
+            "data.seq_len",
+            config.data.seq_len,
+            f"must be divisible by parallel.tensor_parallel_size ({tp}) with "
+            "parallel.sequence_parallel",
+        )
+    stages = p.pipeline_parallel_size * p.virtual_stages
+    _check(
+        stages <= m.n_layers,
+        "parallel.pipeline_parallel_size",
+        p.pipeline_parallel_size,
+        f"with parallel.virtual_stages = {p.virtual_stages} makes {stages} pipeline stages, "
+        f"more than the model's {m.n_layers} layers (model.n_layers); every stage needs "
+        "at least one layer",
+    )
+    if p.pipeline_schedule in ("interleaved_1f1b", "zero_bubble"):
+        _check(
+            p.virtual_stages >= 2,
+            "parallel.virtual_stages",
+            p.virtual_stages,
+            f"must be at least 2 with parallel.pipeline_schedule={p.pipeline_schedule!r}",
+        )
+    else:
+        _check(
+            p.virtual_stages == 1,
+            "parallel.virtual_stages",
+            p.virtual_stages,
+            f"must be 1 with parallel.pipeline_schedule={p.pipeline_schedule!r}; "
+            "use interleaved_1f1b or zero_bubble for several stages per rank",
+        )
 
 
 def parse_split(split: str) -> tuple[float, float, float]:

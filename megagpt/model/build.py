@@ -15,7 +15,7 @@ def build_model(
 
     Construction happens on `meta`, so a model larger than host memory can be sharded
     (by the caller, between `build_meta_model` and `materialize`) before any weight
-    exists. `seed` makes initialization reproducible across processes.
+    exists. The weights depend only on `seed` (see GPT.initial_value).
     """
     return materialize(build_meta_model(cfg), device, seed)
 
@@ -25,14 +25,9 @@ def build_meta_model(cfg: ModelConfig) -> GPT:
         return GPT(cfg)
 
 
-def materialize(model: GPT, device: torch.device | str, seed: int | None = None) -> GPT:
+def materialize(model: GPT, device: torch.device | str, seed: int = 0) -> GPT:
     """Allocate the meta model's storage on `device` and initialize it."""
     model.to_empty(device=device)
     model.tie_weights()
-    if seed is None:
-        model.init_weights()
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model.init_weights()
+    model.init_weights(seed)
     return model

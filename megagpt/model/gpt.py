@@ -13,6 +13,8 @@ D head size, V (padded) vocabulary.
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +70,7 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by position; cos/sin are (T, D)."""
+    """Rotate x (B, T, H, D) by position; cos/sin are the tables' rows for its T positions."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
@@ -99,10 +101,11 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        start_pos: int = 0,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
+        B, T, _ = x.shape  # with sequence parallelism T is the whole sequence here
         d = self.head_dim
         # Head counts are inferred (-1) so the same code runs on tensor-parallel shards.
         if hasattr(self, "qkv_proj"):
@@ -113,8 +116,9 @@ class Attention(nn.Module):
             q = self.q_proj(x).view(B, T, -1, d)
             k = self.k_proj(x).view(B, T, -1, d)
             v = self.v_proj(x).view(B, T, -1, d)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if rope is not None:
+            cos, sin = (table[start_pos : start_pos + T] for table in rope)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, D)
 
         mask, causal = None, True
@@ -164,8 +168,8 @@ class Block(nn.Module):
         self.mlp_norm = build_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rotary=None, kv_cache=None):
-        x = x + self.attn(self.attn_norm(x), rotary, kv_cache)
+    def forward(self, x, rope=None, start_pos=0, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), rope, start_pos, kv_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -190,6 +194,8 @@ class GPT(nn.Module):
         shape = (cfg.max_seq_len, head_dim) if cfg.position_embedding == "rope" else (0,)
         self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
         self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+        # Set by megagpt.parallel to recompute blocks in backward: f(block, *args).
+        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -203,21 +209,21 @@ class GPT(nn.Module):
         fuses it with the output layer and DDP/FSDP see one call. A pipeline stage
         without the embedding takes hidden states (B, T, C) instead, and one without
         the head returns them."""
-        T = tokens.shape[1]
-        positions = slice(start_pos, start_pos + T)
         if self.embed_tokens is not None:
             h = self.embed_tokens(tokens)  # (B, T, C)
             if self.embed_positions is not None:
-                idx = torch.arange(positions.start, positions.stop, device=tokens.device)
+                T = tokens.shape[1]
+                idx = torch.arange(start_pos, start_pos + T, device=tokens.device)
                 h = h + self.embed_positions(idx)
             h = self.embed_dropout(h)
         else:
             h = tokens
-        rotary = None
-        if self.config.position_embedding == "rope":
-            rotary = (self.rope_cos[positions], self.rope_sin[positions])
+        rope = (self.rope_cos, self.rope_sin) if self.config.position_embedding == "rope" else None
         for block in self.layers.values():
-            h = block(h, rotary, kv_cache)
+            if self.checkpoint_fn is not None and self.training and kv_cache is None:
+                h = self.checkpoint_fn(block, h, rope, start_pos, None)
+            else:
+                h = block(h, rope, start_pos, kv_cache)
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.lm_head is not None:
@@ -233,29 +239,36 @@ class GPT(nn.Module):
         if self.config.tie_embeddings and has_both:
             self.lm_head.weight = self.embed_tokens.weight
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """GPT-2/Megatron initialization: N(0, init_std) for matmuls and embeddings,
-        init_std / sqrt(2 x n_layers) for the projections that write into the residual
-        stream, zero biases, unit norms. Deterministic for a given torch seed."""
+    def initial_value(
+        self, name: str, shape: torch.Size, seed: int, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """The full initial value of parameter `name`: GPT-2/Megatron initialization,
+        N(0, init_std) for matmuls and embeddings, init_std / sqrt(2 x n_layers) for the
+        projections that write into the residual stream, zero biases, unit norms.
+
+        Each parameter draws from its own generator, seeded by (seed, name), so the
+        values do not depend on how the model is split across ranks: a parallel run
+        starts from exactly the weights of a single-process run.
+        """
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name:
+            return (torch.ones if leaf == "weight" else torch.zeros)(shape, device=device)
+        if leaf == "bias":
+            return torch.zeros(shape, device=device)
         std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for module in (self.embed_tokens, self.embed_positions):
-            if module is not None:
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-        for block in self.layers.values():
-            for name, module in block.named_modules():
-                if isinstance(module, nn.Linear):
-                    scaled = name.endswith(("out_proj", "down_proj"))
-                    nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
-                    if module.bias is not None:
-                        nn.init.zeros_(module.bias)
-                elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                    module.reset_parameters()
-        if self.final_norm is not None:
-            self.final_norm.reset_parameters()
-        if self.lm_head is not None and not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        if name.endswith(("out_proj.weight", "down_proj.weight")):
+            std /= math.sqrt(2 * self.config.n_layers)
+        if name == "lm_head.weight" and self.config.tie_embeddings:
+            name = "embed_tokens.weight"  # a pipeline's last-stage copy of the tied matrix
+        generator = torch.Generator(device=device)
+        generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialize every (unsharded) parameter with `initial_value`, and the buffers."""
+        for name, param in self.named_parameters():
+            param.copy_(self.initial_value(name, param.shape, seed, param.device))
         self.reset_buffers()
 
     @torch.no_grad()

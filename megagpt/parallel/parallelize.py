@@ -1,26 +1,122 @@
-"""Apply parallelism to a plain GPT, one logged step at a time."""
+"""Apply the configured layout to a plain GPT, one logged step at a time.
+
+parallelize(config, env) builds the model on the meta device and, in this order:
+splits it into pipeline stages; then for each local stage applies tensor (and
+sequence) parallelism, activation checkpointing, torch.compile per block, and data
+parallelism / ZeRO; then allocates it and initializes every shard to the values a
+single process would have. (torchtitan's order: the pipeline split comes first so
+that each stage is parallelized on its own.)
+"""
 
 from __future__ import annotations
 
 import logging
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+import torch.distributed as dist
 
 from megagpt.config import Config
+from megagpt.model.build import build_meta_model, materialize
+from megagpt.model.gpt import GPT
+from megagpt.parallel.activation_checkpoint import apply_activation_checkpointing
+from megagpt.parallel.data_parallel import apply_data_parallel
+from megagpt.parallel.dims import ParallelDims, device_type
 from megagpt.parallel.env import DistributedEnv
+from megagpt.parallel.init import init_parameters
+from megagpt.parallel.model import ParallelModel
+from megagpt.parallel.pipeline import build_schedule, split_model, stage_ids
+from megagpt.parallel.tensor_parallel import apply_tensor_parallel
 
 log = logging.getLogger(__name__)
 
+ZERO_DESCRIPTION = {
+    0: "plain data parallel (replicated, gradients all-reduced)",
+    1: "ZeRO-1 (optimizer state sharded, gradients reduce-scattered once per step)",
+    2: "ZeRO-2 (optimizer state and gradients sharded)",
+    3: "ZeRO-3 (optimizer state, gradients and parameters sharded)",
+}
 
-def parallelize(model: nn.Module, config: Config, env: DistributedEnv) -> nn.Module:
-    """Data parallel across all ranks (gradients averaged by DDP), then compile."""
-    if env.world_size > 1:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids)
-        log.info("data parallel: %d replicas (DDP)", env.world_size)
-    if config.train.compile:
-        model = torch.compile(model)
-        log.info("compiled the model with torch.compile")
+
+def compile_blocks(part: GPT) -> None:
+    """Compile each block's forward in place: module names (and so checkpoint keys)
+    stay the same, and FSDP's hooks stay outside the compiled code."""
+    for block in part.layers.values():
+        block.forward = torch.compile(block.forward)
+
+
+def parallelize(config: Config, env: DistributedEnv) -> ParallelModel:
+    p, seed = config.parallel, config.train.seed
+    t = config.train
+    if env.world_size == 1:
+        model = build_meta_model(config.model)
+        apply_activation_checkpointing(model, p.activation_checkpointing)
+        if t.compile:
+            compile_blocks(model)
+        materialize(model, env.device, seed)
+        return ParallelModel([model], config, env)
+
+    dims = ParallelDims.from_config(config, env.world_size)
+    mesh = dims.build_mesh(device_type(env.device))
+    log.info(
+        "layout: %d processes = pipeline %d x data %d x tensor %d",
+        env.world_size,
+        dims.pp,
+        dims.dp,
+        dims.tp,
+    )
+    meta = build_meta_model(config.model)
+    n_stages = dims.pp * p.virtual_stages
+    stages = [0]
+    parts = [meta]
+    if dims.pp > 1:
+        stages = stage_ids(mesh.get_local_rank("pp"), dims.pp, p.virtual_stages)
+        parts = split_model(meta, stages, n_stages)
+    for part in parts:
+        if dims.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
+        apply_activation_checkpointing(part, p.activation_checkpointing)
+        if t.compile:
+            compile_blocks(part)
+        apply_data_parallel(part, mesh, dims.zero_stage)
+        part.to_empty(device=env.device)
+        part.tie_weights()
+        init_parameters(part, seed)
+    if dims.tp > 1:
+        log.info(
+            "tensor parallel: %d ranks (Megatron partitioning%s, loss on vocab shards)",
+            dims.tp,
+            ", sequence parallel" if p.sequence_parallel else "",
+        )
+    if p.activation_checkpointing != "none":
+        log.info("activation checkpointing: %s", p.activation_checkpointing)
+    if t.compile:
+        log.info("torch.compile: every block")
+    log.info(
+        "data parallel: %d replica%s, %s",
+        dims.dp,
+        "s" if dims.dp > 1 else "",
+        ZERO_DESCRIPTION[dims.zero_stage],
+    )
+    schedule = None
+    if dims.pp > 1:
+        microbatches = t.global_batch_size // (t.micro_batch_size * dims.dp)
+        schedule = build_schedule(
+            parts,
+            stages,
+            n_stages,
+            p.pipeline_schedule,
+            microbatches,
+            env.device,
+            mesh.get_group("pp"),
+        )
+        log.info(
+            "pipeline: %d stages on %d ranks, schedule %s, %d microbatches",
+            n_stages,
+            dims.pp,
+            p.pipeline_schedule,
+            microbatches,
+        )
+    model = ParallelModel(parts, config, env, dims, mesh, schedule, stages, n_stages)
+    if dist.is_initialized():
+        dist.barrier()
     return model

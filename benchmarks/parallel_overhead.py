@@ -1,0 +1,101 @@
+"""Throughput of the parallel layouts on two ranks, relative to plain data parallelism.
+
+Runs megagpt's real training loop on two gloo processes (one CPU core each) for each
+layout: dp2 ZeRO-0 (the baseline), dp2 ZeRO-1, dp2 ZeRO-3, tp2, and pp2 with 1F1B
+over 8 microbatches. All see the same model, global batch and data; every layout is
+run `--rounds` times in alternation and its median tokens/s over steps after the
+second is reported, with the ratio to the baseline.
+
+    python benchmarks/parallel_overhead.py [--steps 8] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from megagpt.config import load_config
+from megagpt.data import IndexedDatasetWriter
+from megagpt.testing import run_distributed
+from megagpt.training.trainer import train
+
+LAYOUTS = {
+    "dp2 zero0 (baseline)": ["parallel.zero_stage=0"],
+    "dp2 zero1": ["parallel.zero_stage=1"],
+    "dp2 zero3": ["parallel.zero_stage=3"],
+    "tp2": ["parallel.tensor_parallel_size=2"],
+    "pp2 1f1b, 8 microbatches": [
+        "parallel.pipeline_parallel_size=2",
+        "parallel.pipeline_schedule=1f1b",
+    ],
+}
+
+
+def write_random_tokens(prefix: Path, vocab: int, documents: int, length: int) -> None:
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for _ in range(documents):
+            writer.add_document(rng.integers(0, vocab, length))
+
+
+def measure(overrides: list[str], base: list[str], workdir: Path, steps: int) -> float:
+    out = workdir / f"run-{time.monotonic_ns()}"
+    config = load_config(None, [*base, *overrides, f"train.output_dir={out}"])
+    run_distributed(train, 2, args=(config,), timeout_s=1800)
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return statistics.median(r["tokens_per_s"] for r in records if r["step"] > 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        write_random_tokens(workdir / "random", 4096, 2000, 512)
+        # global batch 16 of micro 2: dp2 ranks run 4 microbatches, tp2/pp2 run 8.
+        base = [
+            f"data.path={workdir / 'random'}",
+            "data.split=100,0,0",
+            "data.seq_len=128",
+            "model.vocab_size=4096",
+            "model.n_layers=4",
+            "model.hidden_size=256",
+            "model.n_heads=8",
+            f"train.max_steps={args.steps}",
+            "train.eval_interval=0",
+            "train.global_batch_size=16",
+            "train.micro_batch_size=2",
+            "optim.warmup_steps=1",
+            "logging.log_interval=1",
+            "logging.level=WARNING",
+            "logging.tensorboard=false",
+            "logging.peak_tflops=1",
+            "checkpoint.keep_last=1",
+        ]
+        rates: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+        started = time.perf_counter()
+        for round_ in range(args.rounds):
+            order = list(LAYOUTS.items())
+            for name, overrides in order if round_ % 2 == 0 else order[::-1]:
+                rates[name].append(measure(overrides, base, workdir, args.steps))
+    baseline = statistics.median(rates["dp2 zero0 (baseline)"])
+    print(
+        f"2 gloo ranks x 1 CPU thread; 4 layers, hidden 256, vocab 4096, global batch 16 x "
+        f"128 tokens; median over steps 3-{args.steps} of {args.rounds} runs each "
+        f"({time.perf_counter() - started:.0f}s)"
+    )
+    for name, values in rates.items():
+        median = statistics.median(values)
+        print(f"{name:>26}: {median:8.0f} tokens/s   ratio {median / baseline:.3f}")
+
+
+if __name__ == "__main__":
+    main()
