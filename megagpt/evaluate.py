@@ -12,7 +12,8 @@ from megagpt.config import ConfigError, apply_overrides
 from megagpt.data import build_datasets
 from megagpt.parallel.env import DistributedEnv
 from megagpt.parallel.model import ParallelModel
-from megagpt.training.trainer import autocast_for, evaluate, resolve_precision
+from megagpt.training.steps import evaluate
+from megagpt.training.trainer import autocast_for, resolve_precision
 
 
 def evaluate_checkpoint(

@@ -1,23 +1,15 @@
-"""Checkpoints: the one module that knows their format.
+"""Sharded checkpoints (torch.distributed.checkpoint): crash-safe, asynchronous, and
+loadable on any layout. The rest of megagpt reaches checkpoints only through here."""
 
-Everything else calls `save_checkpoint`, `load_checkpoint` and
-`resolve_checkpoint_dir`, so the format can change behind them.
-"""
-
-from megagpt.checkpoint.store import (
-    CheckpointError,
-    LoadedCheckpoint,
-    load_checkpoint,
-    load_model_for_inference,
-    resolve_checkpoint_dir,
-    save_checkpoint,
-)
+from megagpt.checkpoint.inference import consolidated_state_dict, load_model_for_inference
+from megagpt.checkpoint.layout import CheckpointError, read_metadata, resolve_checkpoint_dir
+from megagpt.checkpoint.manager import Checkpointer
 
 __all__ = [
     "CheckpointError",
-    "LoadedCheckpoint",
-    "load_checkpoint",
+    "Checkpointer",
+    "consolidated_state_dict",
     "load_model_for_inference",
+    "read_metadata",
     "resolve_checkpoint_dir",
-    "save_checkpoint",
 ]

@@ -205,8 +205,20 @@ class CheckpointConfig:
     dir: str | None = None
     """Checkpoint directory; None means <train.output_dir>/checkpoints."""
 
+    resume: str = "none"
+    """Where to start from: none (fresh weights), auto (the newest complete checkpoint
+    in checkpoint.dir, or fresh if there is none), or a checkpoint directory. Any
+    layout can resume from any other."""
+
+    async_save: bool = True
+    """Write checkpoints in the background: training waits only while the state is
+    copied to host memory."""
+
     keep_last: int = 2
     """Keep this many of the newest checkpoints and delete older ones; 0 keeps all."""
+
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this; 0 keeps none extra."""
 
 
 @dataclass

@@ -110,6 +110,19 @@ def validate_config(config: Config) -> None:
         config.checkpoint.keep_last,
         "must be >= 0 (0 keeps all)",
     )
+    _check(
+        config.checkpoint.keep_every >= 0,
+        "checkpoint.keep_every",
+        config.checkpoint.keep_every,
+        "must be >= 0 (0 keeps no extra checkpoints)",
+    )
+    resume = config.checkpoint.resume
+    _check(
+        bool(resume.strip()),
+        "checkpoint.resume",
+        resume,
+        "must be none, auto, or the path of a checkpoint directory",
+    )
     _positive(config.logging, "logging", "log_interval")
     peak = config.logging.peak_tflops
     _check(peak is None or peak > 0, "logging.peak_tflops", peak, "must be positive or null")

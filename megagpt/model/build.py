@@ -8,9 +8,7 @@ from megagpt.config.schema import ModelConfig
 from megagpt.model.gpt import GPT
 
 
-def build_model(
-    cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None
-) -> GPT:
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> GPT:
     """Build and initialize a GPT on `device`.
 
     Construction happens on `meta`, so a model larger than host memory can be sharded

@@ -2,7 +2,7 @@
 
 One object hides the layout: `train_step` runs a step's microbatches (gradient
 accumulation, or the pipeline schedule), `clip_grad_norm_` clips by the norm over
-every shard and stage, `full_state_dict` consolidates the weights. Losses come back
+every shard and stage. Losses come back
 as this rank's mean over its microbatches (zero on ranks without the last pipeline
 stage); `global_mean` turns that into the number a single process would report.
 """
@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -188,27 +187,3 @@ class ParallelModel:
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return norm
-
-    # ------------------------------------------------------------------ state
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The consolidated weights (as a single-process model's state_dict) on global
-        rank 0, None elsewhere. Collective: every rank must call it."""
-        state: dict[str, torch.Tensor] = {}
-        for part in self.parts:
-            if self.mesh is None:
-                state.update({k: v.detach().cpu() for k, v in part.state_dict().items()})
-                continue
-            options = StateDictOptions(full_state_dict=True)
-            state.update(
-                {
-                    k: local(v).detach().cpu()
-                    for k, v in get_model_state_dict(part, options=options).items()
-                }
-            )
-        if self.dims is None or self.dims.pp == 1:
-            return state if self.env.rank == 0 else None
-        gathered: list = [None] * self.dims.pp
-        dist.all_gather_object(gathered, state, group=self.mesh.get_group("pp"))
-        if self.env.rank != 0:
-            return None
-        return {k: v for stage_state in gathered for k, v in stage_state.items()}

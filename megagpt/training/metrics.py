@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -12,20 +13,35 @@ log = logging.getLogger(__name__)
 
 class MetricsSink:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors every
-    number to TensorBoard. Only the main rank writes; elsewhere it does nothing."""
+    number to TensorBoard. Only the main rank writes; elsewhere it does nothing.
 
-    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool):
+    A resumed run continues after `resume_step`: records of later steps, written by
+    the run that was interrupted, move to metrics.superseded.jsonl (nothing is lost)
+    and TensorBoard drops its own events after that step.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        enabled: bool,
+        tensorboard: bool,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.tb = None
         self.file = None
         if not enabled:
             return
         output_dir = Path(output_dir)
-        self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = output_dir / "metrics.jsonl"
+        if resume_step is not None and path.is_file():
+            _split_superseded(path, resume_step)
+        self.file = open(path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            purge = resume_step + 1 if resume_step is not None else None
+            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -44,6 +60,26 @@ class MetricsSink:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _split_superseded(path: Path, resume_step: int) -> None:
+    keep, superseded = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        (keep if json.loads(line).get("step", 0) <= resume_step else superseded).append(line)
+    if superseded:
+        with open(path.with_name("metrics.superseded.jsonl"), "a", encoding="utf-8") as f:
+            f.write("\n".join(superseded) + "\n")
+        log.info(
+            "resuming after step %d: %d later records moved to %s",
+            resume_step,
+            len(superseded),
+            path.with_name("metrics.superseded.jsonl"),
+        )
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def _plain(value):

@@ -45,6 +45,30 @@ def build_optimizer(model, cfg: OptimConfig, tie_embeddings: bool = False) -> to
     )
 
 
+class Optimizers:
+    """One optimizer per model part (a pipeline stage), stepped together. Per-part
+    optimizers let checkpoints key optimizer state by parameter name."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for optimizer in self.optimizers for k, v in optimizer.state.items()}
+
+
 def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based). A pure function of the step,
     so resuming needs no scheduler state."""

@@ -2,7 +2,7 @@
 
 One optimizer step = global_batch_size sequences: each data-parallel replica runs
 global_batch_size / (micro_batch_size x dp) microbatches of its slice of the global
-batch (see `global_sample_indices`), as gradient accumulation or as the pipeline's
+batch (see `microbatch_indices`), as gradient accumulation or as the pipeline's
 microbatches; gradients are averaged, clipped by the global norm and applied. The
 logged loss is the mean over the global batch, the same number whatever the layout.
 """
@@ -17,17 +17,22 @@ from pathlib import Path
 
 import torch
 
-from megagpt.checkpoint import save_checkpoint
+from megagpt.checkpoint import Checkpointer
 from megagpt.config import Config, ConfigError, save_config
-from megagpt.data import build_datasets, global_sample_indices
+from megagpt.data import build_datasets
 from megagpt.model.flops import flops_per_token, parameter_counts
 from megagpt.parallel import init_distributed, shutdown_distributed
 from megagpt.parallel.memory import log_memory, memory_bytes
-from megagpt.parallel.model import ParallelModel
 from megagpt.parallel.parallelize import parallelize
 from megagpt.tokenizer import Tokenizer
 from megagpt.training.metrics import MetricsSink, format_duration, format_rate
-from megagpt.training.optimizer import build_optimizer, learning_rate, set_learning_rate
+from megagpt.training.optimizer import (
+    Optimizers,
+    build_optimizer,
+    learning_rate,
+    set_learning_rate,
+)
+from megagpt.training.steps import dropout_seed, evaluate, microbatch_indices, step_batches
 from megagpt.utils.allocator import keep_freed_memory
 from megagpt.utils.hardware import peak_tflops
 from megagpt.utils.logging import setup_logging
@@ -42,13 +47,15 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
-    """Global-batch loss of every step, in order."""
+    """Global-batch loss of every step this run took, in order."""
     val_losses: dict[int, float] = field(default_factory=dict)
     """Validation loss by step."""
     checkpoint: Path | None = None
-    """Directory of the final checkpoint."""
+    """Directory of the last checkpoint written."""
     memory: dict[str, int] = field(default_factory=dict)
     """This rank's parameter, gradient and optimizer-state bytes after the first step."""
+    start_step: int = 0
+    """The step this run started from (non-zero after a resume)."""
 
 
 def resolve_precision(config: Config, device: torch.device) -> str:
@@ -57,63 +64,6 @@ def resolve_precision(config: Config, device: torch.device) -> str:
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return "bf16" if bf16_ok else "fp32"
     return precision
-
-
-def load_microbatch(dataset, indices, vocab_size: int, device: torch.device):
-    """(inputs, targets) of shape (B, T) for the given global sample indices."""
-    tokens = dataset.samples(indices)
-    top = int(tokens.max())
-    if top >= vocab_size:
-        raise ConfigError(
-            f"{dataset.name} holds token id {top}, but model.vocab_size = "
-            f"{vocab_size}; set model.vocab_size to the tokenizer's size"
-        )
-    batch = torch.from_numpy(tokens).to(device, non_blocking=True)
-    return batch[:, :-1], batch[:, 1:]
-
-
-def microbatch_indices(step: int, model: ParallelModel, config: Config) -> list:
-    """Global sample indices of each of this replica's microbatches of step `step`."""
-    t = config.train
-    microbatches = t.global_batch_size // (t.micro_batch_size * model.dp_size)
-    return [
-        global_sample_indices(
-            step, m, model.dp_rank, model.dp_size, t.micro_batch_size, t.global_batch_size
-        )
-        for m in range(microbatches)
-    ]
-
-
-def step_batches(dataset, step: int, model: ParallelModel, config: Config):
-    """This replica's microbatches of global batch `step`."""
-    return [
-        load_microbatch(dataset, indices, config.model.vocab_size, model.env.device)
-        for indices in microbatch_indices(step, model, config)
-    ]
-
-
-def dropout_seed(seed: int, first_sample: int) -> int:
-    """The random seed of the microbatch that starts at global sample `first_sample`.
-
-    A microbatch holds the same samples in every layout with the same
-    micro_batch_size, so data-parallel and ZeRO runs draw the dropout masks a single
-    process draws, and so does tensor parallelism without sequence parallelism and
-    with attention_dropout 0 (its dropouts act on whole, replicated tensors). Sequence
-    parallelism, attention dropout over head shards, and pipelines (seeded once per
-    step) draw different, equally distributed masks. Resuming needs no RNG state.
-    """
-    return (seed * 1_000_003 + first_sample) % 2**63
-
-
-def evaluate(model: ParallelModel, dataset, config: Config) -> float:
-    """Mean loss over the first eval_iters global batches of `dataset`."""
-    model.train(False)
-    total = sum(
-        model.global_mean(model.eval_step(step_batches(dataset, step, model, config)))
-        for step in range(config.train.eval_iters)
-    )
-    model.train(True)
-    return total / config.train.eval_iters
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -128,9 +78,221 @@ def train(config: Config) -> TrainResult:
     env = init_distributed(config.train.device)
     setup_logging(env.rank, config.logging.level, config.logging.all_ranks)
     try:
-        return _train(config, env)
+        return Trainer(config, env).run()
     finally:
         shutdown_distributed(env)
+
+
+class Trainer:
+    def __init__(self, config: Config, env):
+        self.config, self.env = config, env
+        t, device = config.train, env.device
+        self.output_dir = Path(t.output_dir)
+        if env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+        _check_tokenizer(config)
+        if device.type == "cpu":
+            keep_freed_memory()  # 1.4-1.7x faster CPU steps; see megagpt/utils/allocator.py
+        self.datasets = build_datasets(config.data, t.seed)
+        self.precision = resolve_precision(config, device)
+        counts = parameter_counts(config.model)
+        log.info(
+            "model: %s parameters (%s in blocks), %d layers, hidden %d, %d heads",
+            f"{counts['total']:,}",
+            f"{counts['blocks']:,}",
+            config.model.n_layers,
+            config.model.hidden_size,
+            config.model.n_heads,
+        )
+        self.model = parallelize(config, env)
+        self.model.autocast = autocast_for(self.precision, device)
+        self.optimizer = Optimizers(
+            [
+                build_optimizer(part, config.optim, config.model.tie_embeddings)
+                for part in self.model.parts
+            ]
+        )
+        log_memory(
+            "at start-up (gradients and optimizer state as they will be)",
+            memory_bytes(self.model, self.optimizer, expected=True),
+        )
+        root = Path(config.checkpoint.dir or self.output_dir / "checkpoints")
+        self.checkpointer = Checkpointer(config, self.model, self.optimizer, root, env.is_main)
+        self.start_step, self.sample_offset = self._resume()
+        microbatches = t.global_batch_size // (t.micro_batch_size * self.model.dp_size)
+        log.info(
+            "data: %s train samples/epoch, %s valid; %d replica(s) x %d microbatches x "
+            "%d sequences of %d tokens",
+            f"{len(self.datasets.train):,}",
+            f"{len(self.datasets.valid):,}" if self.datasets.valid else "no",
+            self.model.dp_size,
+            microbatches,
+            t.micro_batch_size,
+            config.data.seq_len,
+        )
+        self.tokens_per_step = t.global_batch_size * config.data.seq_len
+        peak = peak_tflops(device, self.precision, config.logging.peak_tflops) * 1e12
+        log.info(
+            "precision %s on %s; MFU against %.1f TFLOP/s per device",
+            self.precision,
+            device,
+            peak / 1e12,
+        )
+        self.peak_flops = peak * env.world_size
+        self.step_flops = flops_per_token(config.model, config.data.seq_len) * (
+            self.tokens_per_step
+        )
+        resumed = self.start_step if self.start_step else None
+        self.sink = MetricsSink(
+            self.output_dir, env.is_main, config.logging.tensorboard, resume_step=resumed
+        )
+
+    def _resume(self) -> tuple[int, int]:
+        """Load the checkpoint that checkpoint.resume selects; return the step to start
+        from and the offset that puts the data at the checkpoint's consumed samples."""
+        point = self.checkpointer.resume_point()
+        if point is None:
+            if self.config.checkpoint.resume not in ("none", "auto"):
+                raise ConfigError(
+                    f"checkpoint.resume = {self.config.checkpoint.resume!r} names no checkpoint"
+                )
+            return 0, 0
+        metadata = self.checkpointer.load(point)
+        step = int(metadata["step"])
+        consumed = int(metadata["consumed_samples"])
+        log.info(
+            "resumed from %s: step %d, %s samples consumed (saved by %s on %d processes)",
+            point,
+            step,
+            f"{consumed:,}",
+            metadata.get("layout", "?"),
+            metadata.get("world_size", 0),
+        )
+        return step, consumed - step * self.config.train.global_batch_size
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> TrainResult:
+        t = self.config.train
+        result = TrainResult(start_step=self.start_step)
+        self.started = self.window_start = time.perf_counter()
+        self.window_steps = 0
+        try:
+            for step in range(self.start_step, t.max_steps):
+                lr = learning_rate(step, self.config.optim, t.max_steps)
+                try:
+                    loss, grad_norm = self._step(step, lr)
+                except NonFiniteLossError:
+                    self.checkpointer.wait()  # the save in flight is the last good state
+                    raise
+                done = step + 1
+                if step == self.start_step:
+                    result.memory = memory_bytes(self.model, self.optimizer)
+                    log_memory("after the first step", result.memory, self.env.device)
+                self.optimizer.zero_grad(set_to_none=True)
+                result.losses.append(loss)
+                self.window_steps += 1
+                is_last = done == t.max_steps
+                metrics = self._maybe_evaluate(done, is_last, result)
+                if (
+                    metrics
+                    or done % self.config.logging.log_interval == 0
+                    or (done == self.start_step + 1 or is_last)
+                ):
+                    self._log(done, loss, lr, grad_norm, metrics)
+                interval = self.config.checkpoint.interval
+                if is_last or (interval and done % interval == 0):
+                    self._save(done, loss, lr)
+            result.checkpoint = self.checkpointer.wait()
+        finally:
+            self.sink.close()
+        return result
+
+    def _step(self, step: int, lr: float) -> tuple[float, float]:
+        set_learning_rate(self.optimizer, lr)
+        t, model = self.config.train, self.model
+        indices = microbatch_indices(step, model, self.config, self.sample_offset)
+        seeds = [dropout_seed(t.seed, int(i[0])) for i in indices]
+        batches = step_batches(self.datasets.train, step, model, self.config, self.sample_offset)
+        loss = model.global_mean(model.train_step(batches, seeds))
+        grad_norm = float(model.clip_grad_norm_(self.config.optim.grad_clip))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise NonFiniteLossError(
+                f"step {step + 1}: loss is {loss}, gradient norm {grad_norm}; stopped before "
+                "the update, and nothing from this step was saved. Lower optim.lr, raise "
+                "optim.warmup_steps, or check the data."
+            )
+        self.optimizer.step()
+        return loss, grad_norm
+
+    def _maybe_evaluate(self, done: int, is_last: bool, result: TrainResult) -> dict:
+        t, valid = self.config.train, self.datasets.valid
+        if not (t.eval_interval and valid and (done % t.eval_interval == 0 or is_last)):
+            return {}
+        val_loss = evaluate(self.model, valid, self.config)
+        result.val_losses[done] = val_loss
+        val_ppl = math.exp(min(val_loss, 50.0))
+        log.info("step %d | validation loss %.4f | perplexity %.2f", done, val_loss, val_ppl)
+        return {"val_loss": val_loss, "val_ppl": val_ppl}
+
+    def _log(self, done: int, loss: float, lr: float, grad_norm: float, metrics: dict) -> None:
+        t, device = self.config.train, self.env.device
+        now = time.perf_counter()
+        elapsed = now - self.window_start
+        tokens_per_s = self.window_steps * self.tokens_per_step / elapsed
+        mfu = self.window_steps * self.step_flops / elapsed / self.peak_flops
+        eta = (now - self.started) / (done - self.start_step) * (t.max_steps - done)
+        if device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        log.info(
+            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %s tok/s | MFU %.1f%% | "
+            "elapsed %s | ETA %s",
+            done,
+            t.max_steps,
+            loss,
+            lr,
+            grad_norm,
+            format_rate(tokens_per_s),
+            100 * mfu,
+            format_duration(now - self.started),
+            format_duration(eta),
+        )
+        self.sink.write(
+            done,
+            {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu,
+                **metrics,
+            },
+        )
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def _save(self, done: int, loss: float, lr: float) -> None:
+        t, p, dims = self.config.train, self.config.parallel, self.model.dims
+        consumed = self.sample_offset + done * t.global_batch_size
+        layout = {
+            "tensor": p.tensor_parallel_size,
+            "pipeline": p.pipeline_parallel_size,
+            "data": self.model.dp_size,
+            "zero_stage": dims.zero_stage if dims else 0,
+            "virtual_stages": p.virtual_stages,
+        }
+        self.checkpointer.save(
+            done,
+            {
+                "consumed_samples": consumed,
+                "consumed_tokens": consumed * self.config.data.seq_len,
+                "loss": loss,
+                "lr": lr,
+                "lr_schedule": "a function of the step (optim.*)",
+                "loss_scale": None,
+                "world_size": self.env.world_size,
+                "layout": layout,
+            },
+        )
 
 
 def _check_tokenizer(config: Config) -> None:
@@ -141,158 +303,3 @@ def _check_tokenizer(config: Config) -> None:
                 f"model.vocab_size = {config.model.vocab_size} is smaller than "
                 f"the tokenizer's {vocab} ids ({config.data.tokenizer})"
             )
-
-
-def _train(config: Config, env) -> TrainResult:
-    t, device = config.train, env.device
-    output_dir = Path(t.output_dir)
-    checkpoint_dir = Path(config.checkpoint.dir or output_dir / "checkpoints")
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.yaml")
-    _check_tokenizer(config)
-    if device.type == "cpu":
-        keep_freed_memory()  # 1.4-1.7x faster CPU steps; see megagpt/utils/allocator.py
-    datasets = build_datasets(config.data, t.seed)
-    precision = resolve_precision(config, device)
-    counts = parameter_counts(config.model)
-    log.info(
-        "model: %s parameters (%s in blocks), %d layers, hidden %d, %d heads",
-        f"{counts['total']:,}",
-        f"{counts['blocks']:,}",
-        config.model.n_layers,
-        config.model.hidden_size,
-        config.model.n_heads,
-    )
-    model = parallelize(config, env)
-    model.autocast = autocast_for(precision, device)
-    microbatches = t.global_batch_size // (t.micro_batch_size * model.dp_size)
-    log.info(
-        "data: %s train samples/epoch, %s valid; %d replicas x %d microbatches x %d "
-        "sequences of %d tokens",
-        f"{len(datasets.train):,}",
-        f"{len(datasets.valid):,}" if datasets.valid else "no",
-        model.dp_size,
-        microbatches,
-        t.micro_batch_size,
-        config.data.seq_len,
-    )
-    optimizer = build_optimizer(model, config.optim, config.model.tie_embeddings)
-    log_memory(
-        "at start-up (gradients and optimizer state as they will be)",
-        memory_bytes(model, optimizer, expected=True),
-    )
-
-    tokens_per_step = t.global_batch_size * config.data.seq_len
-    step_flops = flops_per_token(config.model, config.data.seq_len) * tokens_per_step
-    peak = peak_tflops(device, precision, config.logging.peak_tflops) * 1e12 * env.world_size
-    log.info(
-        "precision %s on %s; MFU against %.1f TFLOP/s per device",
-        precision,
-        device,
-        peak / env.world_size / 1e12,
-    )
-    sink = MetricsSink(output_dir, env.is_main, config.logging.tensorboard)
-    result = TrainResult()
-    started = window_start = time.perf_counter()
-    window_steps = 0
-    try:
-        for step in range(t.max_steps):
-            lr = learning_rate(step, config.optim, t.max_steps)
-            set_learning_rate(optimizer, lr)
-            seeds = [
-                dropout_seed(t.seed, int(indices[0]))
-                for indices in microbatch_indices(step, model, config)
-            ]
-            batches = step_batches(datasets.train, step, model, config)
-            loss_value = model.global_mean(model.train_step(batches, seeds))
-            grad_norm_value = float(model.clip_grad_norm_(config.optim.grad_clip))
-            done = step + 1
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
-                raise NonFiniteLossError(
-                    f"step {done}: loss is {loss_value}, gradient norm {grad_norm_value}; "
-                    "stopped before the update, and nothing from this step was saved. "
-                    "Lower optim.lr, raise optim.warmup_steps, or check the data."
-                )
-            optimizer.step()
-            if step == 0:
-                result.memory = memory_bytes(model, optimizer)
-                log_memory("after the first step", result.memory, device)
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(loss_value)
-            window_steps += 1
-
-            is_last = done == t.max_steps
-            metrics = {}
-            if t.eval_interval and datasets.valid and (done % t.eval_interval == 0 or is_last):
-                val_loss = evaluate(model, datasets.valid, config)
-                result.val_losses[done] = val_loss
-                metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-                log.info(
-                    "step %d | validation loss %.4f | perplexity %.2f",
-                    done,
-                    val_loss,
-                    metrics["val_ppl"],
-                )
-            if metrics or done % config.logging.log_interval == 0 or done == 1 or is_last:
-                now = time.perf_counter()
-                elapsed = now - window_start
-                tokens_per_s = window_steps * tokens_per_step / elapsed
-                mfu = window_steps * step_flops / elapsed / peak
-                eta = (now - started) / done * (t.max_steps - done)
-                if device.type == "cuda":
-                    metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                log.info(
-                    "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %s tok/s | "
-                    "MFU %.1f%% | elapsed %s | ETA %s",
-                    done,
-                    t.max_steps,
-                    loss_value,
-                    lr,
-                    grad_norm_value,
-                    format_rate(tokens_per_s),
-                    100 * mfu,
-                    format_duration(now - started),
-                    format_duration(eta),
-                )
-                sink.write(
-                    done,
-                    {
-                        "loss": loss_value,
-                        "lr": lr,
-                        "grad_norm": grad_norm_value,
-                        "tokens_per_s": tokens_per_s,
-                        "mfu": mfu,
-                        **metrics,
-                    },
-                )
-                window_start, window_steps = time.perf_counter(), 0
-            interval = config.checkpoint.interval
-            if is_last or (interval and done % interval == 0):
-                result.checkpoint = _save(
-                    checkpoint_dir, done, model, optimizer, config, loss_value, env
-                )
-                log.info("step %d | saved checkpoint %s", done, result.checkpoint)
-    finally:
-        sink.close()
-    return result
-
-
-def _save(
-    root: Path, step: int, model: ParallelModel, optimizer, config: Config, loss: float, env
-) -> Path:
-    state = model.full_state_dict()  # collective: every rank takes part
-    single = model.mesh is None
-    return save_checkpoint(
-        root,
-        step,
-        state,
-        optimizer.state_dict() if single else None,
-        config,
-        {
-            "loss": loss,
-            "world_size": env.world_size,
-            "consumed_samples": step * config.train.global_batch_size,
-        },
-        keep_last=config.checkpoint.keep_last,
-    )

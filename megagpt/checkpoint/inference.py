@@ -1,0 +1,50 @@
+"""Loading a checkpoint into one process, for generation, evaluation and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megagpt.checkpoint.layout import read_metadata, resolve_checkpoint_dir
+from megagpt.checkpoint.manager import load_state
+from megagpt.config import Config, load_config
+from megagpt.model.build import build_meta_model
+from megagpt.model.gpt import GPT
+from megagpt.parallel.env import DistributedEnv
+from megagpt.parallel.model import ParallelModel
+
+
+def checkpoint_config(directory: Path) -> Config:
+    config = load_config(directory / "config.yaml")
+    if (directory / "tokenizer.model").is_file():
+        config.data.tokenizer = str(directory / "tokenizer.model")
+    return config
+
+
+def load_model_for_inference(path: str | Path, device: torch.device | str = "cpu"):
+    """Build the checkpoint's model on `device`, whatever layout saved it, and load
+    its weights; returns (model in eval mode, config, metadata)."""
+    directory = resolve_checkpoint_dir(path)
+    metadata = read_metadata(directory)
+    config = checkpoint_config(directory)
+    model = build_inference_model(config, device)
+    single = ParallelModel([model], config, DistributedEnv(0, 1, 0, torch.device(device)))
+    load_state(single, None, directory, config.model.tie_embeddings)
+    model.eval()
+    return model, config, metadata
+
+
+def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """The checkpoint's weights as one state dict (keys as GPT.state_dict())."""
+    model, config, _ = load_model_for_inference(path)
+    return {k: v.detach() for k, v in model.state_dict().items()}, config
+
+
+def build_inference_model(config: Config, device: torch.device | str = "cpu") -> GPT:
+    """The config's model on `device` with uninitialized weights, ready to be loaded."""
+    model = build_meta_model(config.model)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.reset_buffers()
+    return model

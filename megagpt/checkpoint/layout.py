@@ -1,0 +1,157 @@
+"""How checkpoints sit on disk, and what makes one complete.
+
+    <root>/step_00000600/
+        state/             torch.distributed.checkpoint shards: model, optimizer, RNG
+        config.yaml        the resolved config of the run that wrote it
+        tokenizer.model    a copy of the tokenizer, so the directory stands alone
+        metadata.json      step, consumed samples/tokens, loss, layout, versions
+    <root>/latest          the name of the newest complete checkpoint
+
+A checkpoint is written under `.step_00000600.partial/`; metadata.json is its last
+file, and the directory gets its real name by an atomic rename after every rank has
+finished. A crash at any moment leaves either the previous state or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import megagpt
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+LATEST = "latest"
+STATE_DIR = "state"
+METADATA = "metadata.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, from a newer megagpt, or does not fit."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    return root / f".{step_dir_name(step)}.partial"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def delete(directory: Path) -> None:
+    """Remove a checkpoint so that no half-deleted directory keeps its real name: it is
+    first renamed (atomically) to a hidden name, then deleted."""
+    doomed = directory.with_name(f".{directory.name}.deleting")
+    os.replace(directory, doomed)
+    shutil.rmtree(doomed)
+
+
+def publish(partial: Path, root: Path, step: int, metadata: dict[str, Any]) -> Path:
+    """Make a fully written checkpoint visible: metadata, rename, then `latest`."""
+    write_atomically(partial / METADATA, json.dumps(metadata, indent=2) + "\n")
+    fsync_directory(partial)
+    final = root / step_dir_name(step)
+    if final.exists():  # an earlier run of the same step, now superseded
+        delete(final)
+    os.replace(partial, final)
+    fsync_directory(root)
+    write_atomically(root / LATEST, final.name + "\n")
+    return final
+
+
+def apply_retention(root: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest keep_last (0: keep all), except
+    those whose step is a multiple of keep_every; return what was deleted."""
+    if keep_last <= 0:
+        return []
+    complete = sorted(p for p in root.glob("step_*") if (p / METADATA).is_file())
+    deleted = []
+    for old in complete[:-keep_last]:
+        step = int(old.name.split("_")[1])
+        if keep_every and step % keep_every == 0:
+            continue
+        delete(old)
+        deleted.append(old)
+    return deleted
+
+
+def remove_incomplete(root: Path) -> list[Path]:
+    """Delete what an interrupted save or deletion left behind."""
+    removed = []
+    for path in [*root.glob(".step_*.partial"), *root.glob(".step_*.deleting")]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    stale_pointer = root / f"{LATEST}.partial"
+    if stale_pointer.exists():
+        stale_pointer.unlink()
+        removed.append(stale_pointer)
+    for path in removed:
+        log.warning("removed an incomplete checkpoint left by an interrupted save: %s", path)
+    return removed
+
+
+def find_latest(root: Path) -> Path | None:
+    """The checkpoint `latest` names, or the newest complete one if the pointer is gone."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if (target / METADATA).is_file():
+            return target
+    complete = sorted(p for p in root.glob("step_*") if (p / METADATA).is_file())
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """Accept a checkpoint directory, a checkpoints root, or a run's output directory."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / METADATA).is_file():
+            return candidate
+        if candidate.is_dir():
+            latest = find_latest(candidate)
+            if latest is not None:
+                return latest
+    raise CheckpointError(
+        f"no checkpoint at {path}: expected a directory with {METADATA}, or a checkpoints "
+        f"directory holding one (give a run's output_dir, its checkpoints/, or a step_N/)"
+    )
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    metadata = json.loads((directory / METADATA).read_text())
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory} has checkpoint format {version!r}, written by megagpt "
+            f"{metadata.get('megagpt_version')}; this megagpt {megagpt.__version__} reads "
+            f"format {FORMAT_VERSION} and older: upgrade megagpt to load it"
+        )
+    if version < FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory} has checkpoint format {version}, from before "
+            f"sharded checkpoints (format {FORMAT_VERSION}); it cannot be "
+            "read by this megagpt"
+        )
+    return metadata

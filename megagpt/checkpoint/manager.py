@@ -1,0 +1,209 @@
+"""Saving and resuming during training.
+
+Every rank writes its own shards with torch.distributed.checkpoint (DCP). With
+asynchronous saving, training is blocked only while DCP copies the state to host
+memory; the files are written by a background thread, and the next save (or the end
+of training) waits for the previous one. Global rank 0 publishes a checkpoint (see
+layout.publish) once DCP reports every rank's shards written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+
+import megagpt
+from megagpt.checkpoint import layout
+from megagpt.checkpoint.layout import CheckpointError
+from megagpt.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, read_index
+from megagpt.checkpoint.state import apply, check_fits, collect, stored_name
+from megagpt.config import Config, save_config
+from megagpt.parallel.model import ParallelModel
+from megagpt.training.optimizer import Optimizers
+
+log = logging.getLogger(__name__)
+# DCP warns that it "assumes a single process" whenever there is no process group.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+
+
+@dataclass
+class _Pending:
+    future: Future | None
+    step: int
+    partial: Path
+    metadata: dict[str, Any]
+    started: float
+    blocked_s: float
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        config: Config,
+        model: ParallelModel,
+        optimizers: Optimizers,
+        root: Path,
+        is_main: bool,
+    ):
+        self.config, self.model, self.optimizers = config, model, optimizers
+        self.root, self.is_main = root, is_main
+        self._pending: _Pending | None = None
+        self._published: list[Path] = []
+        # Background writes run their collectives on a group of their own, so they
+        # never interleave with the training loop's collectives.
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        if is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            layout.remove_incomplete(root)
+        _barrier()
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, metadata: dict[str, Any]) -> None:
+        """Start saving the current state as checkpoint `step` (returns before the
+        files are written when checkpoint.async_save is on)."""
+        self.wait()
+        partial = layout.partial_dir(self.root, step)
+        if self.is_main:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+            save_config(self.config, partial / "config.yaml")
+            tokenizer = self.config.data.tokenizer
+            if tokenizer and Path(tokenizer).is_file():
+                shutil.copyfile(tokenizer, partial / "tokenizer.model")
+        _barrier()
+        started = time.perf_counter()
+        state = collect(self.model, self.optimizers)
+        writer = FileSystemWriter(partial / layout.STATE_DIR, thread_count=4)
+        info = {
+            "format_version": layout.FORMAT_VERSION,
+            "step": step,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "megagpt_version": megagpt.__version__,
+            "torch_version": torch.__version__,
+            **metadata,
+        }
+        if self.config.checkpoint.async_save:
+            future = dcp.async_save(state, storage_writer=writer, process_group=self._group)
+            blocked = time.perf_counter() - started
+            self._pending = _Pending(future, step, partial, info, started, blocked)
+            log.info(
+                "step %d | checkpoint: training blocked %.2fs while the state was copied "
+                "to host memory; writing in the background",
+                step,
+                blocked,
+            )
+        else:
+            dcp.save(state, storage_writer=writer, process_group=self._group)
+            blocked = time.perf_counter() - started
+            self._pending = _Pending(None, step, partial, info, started, blocked)
+            self.wait()
+
+    def wait(self) -> Path | None:
+        """Finish the save in flight, if any; return the published directory."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending.future is not None:
+            pending.future.result()
+        _barrier(self._group)  # every rank's shards are on disk
+        total = time.perf_counter() - pending.started
+        final = self.root / layout.step_dir_name(pending.step)
+        if self.is_main:
+            final = layout.publish(pending.partial, self.root, pending.step, pending.metadata)
+            cfg = self.config.checkpoint
+            for old in layout.apply_retention(self.root, cfg.keep_last, cfg.keep_every):
+                log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, cfg.keep_last)
+        _barrier(self._group)
+        log.info(
+            "step %d | checkpoint %s complete: %.2fs in total, %.2fs of it blocking training",
+            pending.step,
+            final,
+            total,
+            pending.blocked_s,
+        )
+        self._published.append(final)
+        return final
+
+    # ------------------------------------------------------------------ load
+    def resume_point(self) -> Path | None:
+        """The checkpoint that checkpoint.resume selects, or None to start fresh."""
+        resume = self.config.checkpoint.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return layout.find_latest(self.root)
+        return layout.resolve_checkpoint_dir(resume)
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        """Load model and optimizer state (any layout) and return the checkpoint's
+        metadata (step, consumed samples, ...)."""
+        metadata = layout.read_metadata(directory)
+        load_state(self.model, self.optimizers, directory, self.config.model.tie_embeddings)
+        return metadata
+
+
+def _barrier(group=None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def load_state(
+    model: ParallelModel, optimizers: Optimizers | None, directory: Path, tie_embeddings: bool
+) -> None:
+    """Fill `model` (and `optimizers`, if given) from the checkpoint in `directory`.
+
+    DCP loads tensors in place into the state dict we pass, resharding them for this
+    layout; entries are requested under the names they were stored with.
+    """
+    state_dir = directory / layout.STATE_DIR
+    stored = {
+        k: getattr(v, "size", None) for k, v in read_index(state_dir).state_dict_metadata.items()
+    }
+    state = collect(model, optimizers) if optimizers is not None else {"model": _model_state(model)}
+    check_fits(state, stored, directory)
+    request, missing = {}, []
+    for section, entries in state.items():
+        for key, value in entries.items():
+            if section == "optimizer" and not key.startswith("state."):
+                continue  # hyperparameters come from the current config
+            name = stored_name(f"{section}.{key}", stored, tie_embeddings)
+            if name is not None:
+                request[name] = value
+            elif section != "rng":  # RNG states only carry over to the same layout
+                missing.append(f"{section}.{key}")
+    if missing:
+        raise CheckpointError(
+            f"{directory} lacks {len(missing)} entries this run needs: "
+            + ", ".join(missing[:10])
+            + (" ..." if len(missing) > 10 else "")
+        )
+    dcp.load(request, storage_reader=SafeFileSystemReader(state_dir), planner=SafeLoadPlanner())
+    if optimizers is not None:
+        apply(model, optimizers, state)
+        return
+    for part in model.parts:
+        set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+
+
+def _model_state(model: ParallelModel) -> dict:
+    state = {}
+    for part in model.parts:
+        state.update(get_model_state_dict(part))
+    return state
