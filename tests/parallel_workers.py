@@ -8,7 +8,7 @@ from megagpt.config import Config
 from megagpt.data import build_datasets
 from megagpt.parallel import init_distributed
 from megagpt.parallel.parallelize import parallelize
-from megagpt.training.trainer import step_batches
+from megagpt.training.steps import step_batches
 
 
 def first_step_gradients(config: Config):

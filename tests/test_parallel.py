@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megagpt.checkpoint import load_checkpoint
+from megagpt.checkpoint import consolidated_state_dict
 from megagpt.config import Config, ConfigError, apply_overrides, load_config
 from megagpt.model.flops import parameter_counts
 from megagpt.parallel.dims import ParallelDims
@@ -103,7 +103,7 @@ def references(dataset_prefix, tokenizer, tmp_path_factory):
         out = tmp_path_factory.mktemp(f"reference-{name}")
         config = base_config(dataset_prefix, tokenizer, out, family)
         result = train(config)
-        runs[id(family)] = (config, result, load_checkpoint(out).model_state)
+        runs[id(family)] = (config, result, consolidated_state_dict(out)[0])
     return runs
 
 
@@ -119,7 +119,7 @@ def test_layout_trains_like_one_process(name, family, world, layout, references,
     assert all(r.losses == results[0].losses for r in results)  # every rank logs the same
     if name.startswith("dp2-zero"):
         assert_zero_memory(config, config.parallel.zero_stage, results[0].memory)
-    weights = load_checkpoint(tmp_path).model_state
+    weights = consolidated_state_dict(tmp_path)[0]
     assert weights.keys() == reference_weights.keys()
     for key, value in reference_weights.items():
         torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-5, msg=key)

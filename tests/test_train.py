@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megagpt.checkpoint import load_checkpoint
+from megagpt.checkpoint import consolidated_state_dict, read_metadata, resolve_checkpoint_dir
 from megagpt.config import apply_overrides, load_config
 from megagpt.testing import free_port, run_distributed
 from megagpt.training.trainer import NonFiniteLossError, train
@@ -19,7 +19,7 @@ def read_metrics(output_dir):
 
 
 def final_weights(output_dir):
-    return load_checkpoint(output_dir).model_state
+    return consolidated_state_dict(output_dir)[0]
 
 
 def assert_same_run(reference, other, rtol=1e-5):
@@ -44,10 +44,14 @@ def test_run_writes_config_metrics_tensorboard_and_checkpoint(tiny_config):
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
     assert records[-1]["loss"] == pytest.approx(result.losses[-1], rel=1e-5)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    checkpoint = load_checkpoint(out, with_optimizer=True)
-    assert checkpoint.path == out / "checkpoints" / "step_00000006"
-    assert checkpoint.metadata["step"] == 6 and checkpoint.optimizer_state is not None
-    assert checkpoint.config.model == tiny_config.model
+    assert result.checkpoint == out / "checkpoints" / "step_00000006"
+    assert resolve_checkpoint_dir(out) == result.checkpoint
+    metadata = read_metadata(result.checkpoint)
+    assert metadata["step"] == 6 and metadata["consumed_samples"] == 6 * 8
+    assert metadata["consumed_tokens"] == 6 * 8 * 32
+    assert load_config(result.checkpoint / "config.yaml") == tiny_config
+    assert (result.checkpoint / "tokenizer.model").is_file()
+    assert (result.checkpoint / "state" / ".metadata").is_file()
 
 
 def test_training_reduces_the_loss(tiny_config):
