@@ -153,6 +153,7 @@ class ShardedOutput:
         )
         self.shard += 1
         self._writer = None
+        self._counts = Counts()
 
     def _report_bad_records(self, result: Result, reasons: np.ndarray) -> None:
         bad = np.flatnonzero(reasons != Reason.OK)

@@ -11,7 +11,6 @@ and then an error batch, so the run goes on.
 from __future__ import annotations
 
 import glob
-import gzip
 import logging
 import os
 import zlib
@@ -87,12 +86,55 @@ def _format(path: Path) -> str | None:
 
 def _open_stream(path: Path, raw):
     if path.suffix == ".gz":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return _Decompressing(raw, lambda: zlib.decompressobj(wbits=47))  # gzip or zlib header
     if path.suffix == ".zst":
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return _Decompressing(raw, lambda: zstandard.ZstdDecompressor().decompressobj())
     return raw
+
+
+class _Decompressing:
+    """A decompressing reader that, unlike gzip.GzipFile or zstandard's stream reader,
+    returns everything before the damage of a truncated or corrupt file (and then
+    raises): the first silently drops the last block, the second silently stops
+    at a truncation. Handles concatenated members/frames."""
+
+    STEP = 1 << 16
+
+    def __init__(self, raw, new_decompressor):
+        self.raw, self.new_decompressor = raw, new_decompressor
+        self.decompressor = new_decompressor()
+        self.fed = False  # the current member has received input
+        self.buffer = b""
+        self.error: BaseException | None = None
+        self.done = False
+
+    def read(self, size: int) -> bytes:
+        while len(self.buffer) < size and not self.done:
+            chunk = self.raw.read(self.STEP)
+            try:
+                if not chunk:
+                    self.done = True
+                    if self.fed and not self.decompressor.eof:
+                        raise EOFError("compressed file ended before the end-of-stream marker")
+                    break
+                self._feed(chunk)
+            except _decompression_errors() as error:
+                self.error, self.done = error, True
+        if not self.buffer and self.error is not None:
+            raise self.error
+        out, self.buffer = self.buffer[:size], self.buffer[size:]
+        return out
+
+    def _feed(self, chunk: bytes) -> None:
+        while chunk:
+            self.fed = True
+            self.buffer += self.decompressor.decompress(chunk)
+            if not self.decompressor.eof:
+                return
+            chunk = self.decompressor.unused_data  # the next member or frame, if any
+            self.decompressor, self.fed = self.new_decompressor(), False
 
 
 def _decompression_errors() -> tuple[type[BaseException], ...]:

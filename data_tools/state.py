@@ -15,6 +15,7 @@ moment leaves either the old state or the new one.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -67,10 +68,8 @@ class RunState:
     def open(self, config: dict, overwrite: bool) -> None:
         """Start or resume: check that an existing state was made by the same command."""
         config_path = self.directory / "config.json"
-        if overwrite and self.directory.exists():
-            shutil.rmtree(self.directory)
-            self.manifest_path.unlink(missing_ok=True)
-            self.summary_path.unlink(missing_ok=True)
+        if overwrite:
+            self.discard()
         if config_path.exists():
             previous = json.loads(config_path.read_text(encoding="utf-8"))
             if previous != config:
@@ -90,6 +89,16 @@ class RunState:
             )
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(config_path, config)
+
+    def discard(self) -> None:
+        """Delete everything an earlier run with this prefix wrote."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.manifest_path.unlink(missing_ok=True)
+        self.summary_path.unlink(missing_ok=True)
+        prefix = Path(self.prefix)
+        for path in prefix.parent.glob(f"{glob.escape(prefix.name)}_[0-9][0-9][0-9][0-9][0-9]*"):
+            if path.suffix in (".bin", ".idx", ".partial"):
+                path.unlink()
 
     def completed(self) -> list[dict]:
         """Markers of the finished shards, in order (only the unbroken prefix counts)."""

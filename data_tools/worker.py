@@ -12,10 +12,12 @@ import hashlib
 import logging
 import os
 import queue
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
+import orjson
 
 from data_tools.cleaning import CleaningOptions, clean
 from data_tools.reasons import Reason
@@ -24,7 +26,7 @@ from data_tools.sources import Batch
 log = logging.getLogger(__name__)
 
 HASH_BYTES = 16
-EXAMPLES_PER_BATCH = 3  # bad records described per batch, for the log
+EXAMPLES_PER_BATCH = 5  # bad records described per reason and batch, for the log
 
 
 @dataclass
@@ -72,13 +74,16 @@ class BatchProcessor:
         text_bytes: list[int] = []
         examples: list[tuple[int, int, str]] = []
 
+        described: Counter = Counter()
+
         def drop(record: int, reason: Reason, detail: str) -> None:
             reasons[record] = reason
-            if len(examples) < EXAMPLES_PER_BATCH:
+            described[reason] += 1
+            if described[reason] <= EXAMPLES_PER_BATCH:
                 examples.append((record, int(reason), detail))
 
         oversized = set(batch.oversized)
-        for record, (raw, reason, detail) in enumerate(self._records(batch)):
+        for record, (raw, reason, detail) in enumerate(batch_records(batch, self.field)):
             if record in oversized:
                 drop(record, Reason.TOO_LONG, "record larger than the reader's limit")
                 continue
@@ -107,43 +112,6 @@ class BatchProcessor:
             examples=examples,
         )
 
-    def _records(self, batch: Batch):
-        """(text or None, reason, detail) per record of the batch."""
-        if batch.kind == "jsonl":
-            yield from (self._json_record(line) for line in batch.payload.split(b"\n")[:-1])
-        elif batch.kind == "lines":
-            yield from (_decode(line) for line in batch.payload.split(b"\n")[:-1])
-        elif batch.kind == "docs":
-            yield from (_decode(doc) for doc in batch.payload)
-        elif batch.kind == "arrow":
-            yield from _arrow_records(batch.payload, batch.num_records, self.field)
-        elif batch.kind == "error":
-            yield None, Reason.CORRUPT_FILE, batch.payload
-        else:
-            raise ValueError(f"unknown batch kind {batch.kind!r}")
-
-    def _json_record(self, line: bytes):
-        import orjson
-
-        if not line.strip():
-            return None, Reason.EMPTY_LINE, "blank line"
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError as error:
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as decode_error:
-                return None, Reason.INVALID_UTF8, str(decode_error)
-            return None, Reason.INVALID_JSON, str(error)
-        if not isinstance(obj, dict):
-            return None, Reason.INVALID_JSON, f"a JSON {type(obj).__name__}, not an object"
-        value = obj.get(self.field)
-        if value is None:
-            return None, Reason.MISSING_FIELD, f"no {self.field!r} field (keys: {list(obj)[:5]})"
-        if not isinstance(value, str):
-            return None, Reason.WRONG_TYPE, f"{self.field!r} is a {type(value).__name__}"
-        return value, Reason.OK, ""
-
     def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if not texts:
             return np.zeros(0, self.dtype), np.zeros(0, np.int64)
@@ -153,6 +121,45 @@ class BatchProcessor:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         tokens = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
         return tokens, lengths
+
+
+def batch_records(batch: Batch, text_field: str):
+    """(text or None, reason, detail) for each record of a batch, in order."""
+    if batch.kind == "jsonl":
+        yield from (_json_record(line, text_field) for line in batch.payload.split(b"\n")[:-1])
+    elif batch.kind == "lines":
+        yield from (_decode(line) for line in batch.payload.split(b"\n")[:-1])
+    elif batch.kind == "docs":
+        yield from (_decode(doc) for doc in batch.payload)
+    elif batch.kind == "arrow":
+        yield from _arrow_records(batch.payload, batch.num_records, text_field)
+    elif batch.kind == "error":
+        yield None, Reason.CORRUPT_FILE, batch.payload
+    else:
+        raise ValueError(f"unknown batch kind {batch.kind!r}")
+
+
+def _json_record(line: bytes, text_field: str):
+    if not line.strip():
+        return None, Reason.EMPTY_LINE, "blank line"
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as error:
+        if "surrogate" in str(error):  # valid JSON syntax, but not valid Unicode
+            return None, Reason.INVALID_UTF8, str(error)
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as decode_error:
+            return None, Reason.INVALID_UTF8, str(decode_error)
+        return None, Reason.INVALID_JSON, str(error)
+    if not isinstance(obj, dict):
+        return None, Reason.INVALID_JSON, f"a JSON {type(obj).__name__}, not an object"
+    value = obj.get(text_field)
+    if value is None:
+        return None, Reason.MISSING_FIELD, f"no {text_field!r} field (keys: {list(obj)[:5]})"
+    if not isinstance(value, str):
+        return None, Reason.WRONG_TYPE, f"{text_field!r} is a {type(value).__name__}"
+    return value, Reason.OK, ""
 
 
 def _decode(raw: bytes):
