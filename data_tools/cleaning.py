@@ -28,7 +28,8 @@ _HTML_ELEMENTS = (
 )
 _MARKUP = re.compile(
     r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->|<!DOCTYPE[^>]*>"
-    rf"|</?(?:{_HTML_ELEMENTS})(?:\s[^<>]*)?/?>",
+    rf"|</?(?:{_HTML_ELEMENTS})"  # and only well-formed attributes: a<b && c>d is code
+    r"""(?:\s+[\w:-]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'<>=`]+))?)*\s*/?>""",
     re.IGNORECASE | re.DOTALL,
 )
 _ASCII_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
