@@ -6,7 +6,7 @@ As Megatron does: a multiprocessing Pool whose workers each load the tokenizer,
 lists pickled back to the main process, which feeds megatron-core's
 `IndexedDatasetBuilder.add_document` (lengths kept in Python lists until finalize).
 
-    python benchmarks/megatron_preprocess_baseline.py CORPUS.jsonl TOKENIZER.model OUT_PREFIX WORKERS
+    python benchmarks/megatron_preprocess_baseline.py CORPUS.jsonl TOKENIZER.model OUT WORKERS
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ corpus and on 4x the corpus.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -137,10 +138,8 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, in
             tree = [root, *root.children(recursive=True)]
             total = 0
             for p in tree:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
-                except psutil.Error:
-                    pass
             peak = max(peak, total)
         except psutil.Error:
             pass
@@ -253,13 +252,16 @@ def main() -> None:
                 for path in copies:
                     dst.write(path.read_bytes())
         b4 = measure_megatron(joined, model, work / "out/megatron4x", args.workers)
+        mib = 2**20
         print(
-            f"peak RSS 4x: (a) {a4['peak_rss'] / 2**20:,.0f} MiB  (b) {b4['peak_rss'] / 2**20:,.0f} MiB"
-            f"   (a) 4x/1x = {a4['peak_rss'] / a['peak_rss']:.2f}   (b) 4x/1x = {b4['peak_rss'] / b['peak_rss']:.2f}"
+            f"peak RSS 4x: (a) {a4['peak_rss'] / mib:,.0f} MiB  (b) {b4['peak_rss'] / mib:,.0f} MiB"
         )
         print(
-            f"4x corpus: (a) {4 * megabytes / a4['seconds']:.2f} MB/s  (b) {4 * megabytes / b4['seconds']:.2f} MB/s"
+            f"peak RSS 4x/1x: (a) {a4['peak_rss'] / a['peak_rss']:.2f}  "
+            f"(b) {b4['peak_rss'] / b['peak_rss']:.2f}"
         )
+        rate_a4, rate_b4 = 4 * megabytes / a4["seconds"], 4 * megabytes / b4["seconds"]
+        print(f"4x corpus: (a) {rate_a4:.2f} MB/s  (b) {rate_b4:.2f} MB/s")
 
 
 if __name__ == "__main__":
