@@ -187,6 +187,11 @@ def measure_ours(inputs: list[Path], model: Path, out: Path, workers: int) -> di
     return {"seconds": seconds, "peak_rss": peak, "tokens": summary["tokens"]}
 
 
+def measure_ceiling(corpus: Path, model: Path, threads: int) -> dict:
+    _, _, out = run_measured([sys.executable, "-c", CEILING, str(corpus), str(model), str(threads)])
+    return json.loads(out)
+
+
 def measure_megatron(corpus: Path, model: Path, out: Path, workers: int) -> dict:
     command = [
         sys.executable,
@@ -206,6 +211,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--work-dir", default="runs/bench-preprocess")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each on the 1x corpus")
     p.add_argument("--skip-4x", action="store_true", help="only the 1x corpus")
     args = p.parse_args()
     work = Path(args.work_dir)
@@ -219,28 +225,28 @@ def main() -> None:
         f"{args.workers} workers on {cores} cores"
     )
 
-    seconds_c, _, out = run_measured(
-        [sys.executable, "-c", CEILING, str(corpus), str(model), str(cores)]
-    )
-    ceiling = json.loads(out)
-    a = measure_ours([corpus], model, work / "out/ours", args.workers)
-    b = measure_megatron(corpus, model, work / "out/megatron", args.workers)
-    rate = {
-        "a": megabytes / a["seconds"],
-        "b": megabytes / b["seconds"],
-        "c": megabytes / ceiling["seconds"],
+    print(f"load average before: {os.getloadavg()[0]:.1f} (the machine is shared)")
+    runs: dict[str, list[dict]] = {"a": [], "b": [], "c": []}
+    measure = {
+        "a": lambda: measure_ours([corpus], model, work / "out/ours", args.workers),
+        "b": lambda: measure_megatron(corpus, model, work / "out/megatron", args.workers),
+        "c": lambda: measure_ceiling(corpus, model, cores),
     }
-    tokens = {
-        "a": a["tokens"] / a["seconds"],
-        "b": b["tokens"] / b["seconds"],
-        "c": ceiling["tokens"] / ceiling["seconds"],
-    }
+    for repeat in range(args.repeats):  # interleaved, so noise hits all three alike
+        for key in "cab"[repeat % 3 :] + "cab"[: repeat % 3]:
+            runs[key].append(measure[key]())
+    best = {key: min(results, key=lambda r: r["seconds"]) for key, results in runs.items()}
     names = {"a": "megagpt-preprocess", "b": "Megatron algorithm", "c": "tokenizer alone"}
+    rate = {key: megabytes / best[key]["seconds"] for key in "abc"}
     for key in "abc":
+        spread = sorted(megabytes / r["seconds"] for r in runs[key])
         print(
-            f"({key}) {names[key]:<20} {rate[key]:6.2f} MB/s  {tokens[key] / 1e6:5.2f} M tokens/s"
+            f"({key}) {names[key]:<20} {rate[key]:6.2f} MB/s  "
+            f"{best[key]['tokens'] / best[key]['seconds'] / 1e6:5.2f} M tokens/s  "
+            f"(best of {len(spread)}; all: {', '.join(f'{x:.2f}' for x in spread)})"
         )
     print(f"a/b = {rate['a'] / rate['b']:.2f}   a/c = {rate['a'] / rate['c']:.2f}")
+    a, b = (max(runs[k], key=lambda r: r["peak_rss"]) for k in "ab")
     print(
         f"peak RSS 1x: (a) {a['peak_rss'] / 2**20:,.0f} MiB  (b) {b['peak_rss'] / 2**20:,.0f} MiB"
     )
@@ -262,6 +268,7 @@ def main() -> None:
         )
         rate_a4, rate_b4 = 4 * megabytes / a4["seconds"], 4 * megabytes / b4["seconds"]
         print(f"4x corpus: (a) {rate_a4:.2f} MB/s  (b) {rate_b4:.2f} MB/s")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

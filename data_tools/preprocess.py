@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument(
         "--shard-tokens",
-        type=int,
+        type=lambda value: int(float(value)),  # accepts 1e10
         default=None,
         help="start a new shard after this many tokens (default: one shard per input file)",
     )

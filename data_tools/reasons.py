@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+import numpy as np
+
 
 class Reason(IntEnum):
     """Outcome of one input record; every value but OK is counted as a drop."""
@@ -29,7 +31,5 @@ class Reason(IntEnum):
 
 def count_reasons(codes) -> dict[str, int]:
     """{reason label: count} for the drop codes in an integer array."""
-    import numpy as np
-
     counts = np.bincount(np.asarray(codes, dtype=np.int64), minlength=len(Reason))
     return {Reason(code).label: int(n) for code, n in enumerate(counts) if code and n}
