@@ -70,8 +70,13 @@ def test_inspect_prints_counts_histogram_and_decoded_documents(tmp_path, tokeniz
 
 
 def test_build_index_reports_splits_and_epochs(dataset_prefix, capsys):
-    overrides = [f"data.path=0.25 {dataset_prefix} 0.75 {dataset_prefix}", "data.seq_len=64",
-                 "model.vocab_size=512", "train.max_steps=100", "train.global_batch_size=8"]  # fmt: skip
+    overrides = [
+        f"data.path=0.25 {dataset_prefix} 0.75 {dataset_prefix}",
+        "data.seq_len=64",
+        "model.vocab_size=512",
+        "train.max_steps=100",
+        "train.global_batch_size=8",
+    ]
     assert build_index.main([*overrides, "--check-tokens"]) == 0
     out = capsys.readouterr().out
     dataset = IndexedDataset(dataset_prefix)
@@ -100,8 +105,21 @@ def test_train_tokenizer_from_jsonl_samples_bounded_lines(tmp_path, documents, c
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps({"body": d}) + "\n" for d in documents) + "{bad\n")
     model = tmp_path / "t.model"
-    args = [str(path), "--model", str(model), "--vocab-size", "600", "--text-field", "body",
-            "--model-type", "unigram", "--special-tokens", "<sep>", "--sample-lines", "500"]  # fmt: skip
+    args = [
+        str(path),
+        "--model",
+        str(model),
+        "--vocab-size",
+        "600",
+        "--text-field",
+        "body",
+        "--model-type",
+        "unigram",
+        "--special-tokens",
+        "<sep>",
+        "--sample-lines",
+        "500",
+    ]
     assert train_tokenizer.main(args) == 0
     tok = Tokenizer(model)
     assert tok.vocab_size == 600 and tok.sp.piece_to_id("<sep>") == 4
