@@ -8,9 +8,10 @@ sentencepiece BPE model, then measures on the same cores with that model:
   (b) Megatron-LM's preprocess_data.py algorithm (megatron_preprocess_baseline.py)
   (c) the tokenizer alone: sentencepiece encoding the same texts on all cores
 
-and prints MB/s and tokens/s of each, the ratios a/b and a/c, and the peak memory
-(RSS summed over the whole process tree, sampled every 20 ms) of (a) and (b) on the
-corpus and on 4x the corpus.
+and prints MB/s and tokens/s of each (best of --repeats interleaved runs), the ratios
+a/b and a/c, the CPU seconds each spends (a measure of work that a busy shared machine
+does not distort the way it does wall time), and the peak memory (RSS summed over the
+whole process tree, sampled every 20 ms) of (a) and (b) on the corpus and on 4x it.
 
     python benchmarks/preprocess.py [--workers 2] [--work-dir runs/bench-preprocess]
 """
@@ -22,6 +23,7 @@ import contextlib
 import gzip
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -127,8 +129,11 @@ def train_tokenizer(work: Path, corpus: Path, vocab: int) -> Path:
     return model
 
 
-def run_measured(command: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS of the process tree (bytes), and stdout of a command."""
+def run_measured(command: list[str], env: dict | None = None) -> tuple[float, int, str, float]:
+    """Wall seconds, peak RSS of the process tree (bytes), stdout, and CPU seconds of
+    the whole tree (every process in it is waited for by its parent, so the kernel's
+    RUSAGE_CHILDREN counts them all)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     root = psutil.Process(process.pid)
@@ -145,10 +150,12 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, in
             pass
         time.sleep(0.02)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     out = process.stdout.read().decode()
     if process.returncode:
         raise RuntimeError(f"{command[:4]} failed with {process.returncode}: {out[-2000:]}")
-    return seconds, peak, out
+    return seconds, peak, out, cpu
 
 
 CEILING = """
@@ -156,10 +163,10 @@ import json, sys, time, os
 import sentencepiece as spm
 texts = [json.loads(line)["text"] for line in open(sys.argv[1], encoding="utf-8")]
 sp = spm.SentencePieceProcessor(model_file=sys.argv[2])
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 ids = sp.encode(texts, num_threads=int(sys.argv[3]))
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "tokens": sum(map(len, ids)) + len(ids)}))
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+print(json.dumps({"seconds": seconds, "cpu": cpu, "tokens": sum(map(len, ids)) + len(ids)}))
 """
 
 
@@ -182,14 +189,16 @@ def measure_ours(inputs: list[Path], model: Path, out: Path, workers: int) -> di
         str(workers),
         "--overwrite",
     ]
-    seconds, peak, _ = run_measured(command)
+    seconds, peak, _, cpu = run_measured(command)
     summary = json.loads(Path(f"{out}.summary.json").read_text())
-    return {"seconds": seconds, "peak_rss": peak, "tokens": summary["tokens"]}
+    return {"seconds": seconds, "peak_rss": peak, "tokens": summary["tokens"], "cpu": cpu}
 
 
 def measure_ceiling(corpus: Path, model: Path, threads: int) -> dict:
-    _, _, out = run_measured([sys.executable, "-c", CEILING, str(corpus), str(model), str(threads)])
-    return json.loads(out)
+    _, _, out, _ = run_measured(
+        [sys.executable, "-c", CEILING, str(corpus), str(model), str(threads)]
+    )
+    return json.loads(out)  # the encode call alone, not loading the texts
 
 
 def measure_megatron(corpus: Path, model: Path, out: Path, workers: int) -> dict:
@@ -201,9 +210,9 @@ def measure_megatron(corpus: Path, model: Path, out: Path, workers: int) -> dict
         str(out),
         str(workers),
     ]
-    seconds, peak, _ = run_measured(command)
+    seconds, peak, _, cpu = run_measured(command)
     tokens = os.path.getsize(f"{out}.bin") // 2
-    return {"seconds": seconds, "peak_rss": peak, "tokens": tokens}
+    return {"seconds": seconds, "peak_rss": peak, "tokens": tokens, "cpu": cpu}
 
 
 def main() -> None:
@@ -246,6 +255,13 @@ def main() -> None:
             f"(best of {len(spread)}; all: {', '.join(f'{x:.2f}' for x in spread)})"
         )
     print(f"a/b = {rate['a'] / rate['b']:.2f}   a/c = {rate['a'] / rate['c']:.2f}")
+    # CPU time barely depends on what else runs on a shared machine; wall time does.
+    cpu = {key: min(r["cpu"] for r in results) for key, results in runs.items()}
+    print(
+        "CPU seconds (whole process tree): "
+        + "  ".join(f"({k}) {cpu[k]:.1f}" for k in "abc")
+        + f"   work ratios b/a = {cpu['b'] / cpu['a']:.2f}  c/a = {cpu['c'] / cpu['a']:.2f}"
+    )
     a, b = (max(runs[k], key=lambda r: r["peak_rss"]) for k in "ab")
     print(
         f"peak RSS 1x: (a) {a['peak_rss'] / 2**20:,.0f} MiB  (b) {b['peak_rss'] / 2**20:,.0f} MiB"

@@ -166,7 +166,12 @@ def read_file_batches(
         yield from _parquet_batches(path, file_index, skip_records, text_field)
         return
     line_kind = "jsonl" if kind == "jsonl" else "lines" if txt_unit == "line" else None
-    with open(path, "rb") as raw:
+    try:
+        raw = open(path, "rb")
+    except OSError as error:  # unreadable (permissions, vanished): counted, not fatal
+        yield Batch(0, file_index, skip_records, "error", f"{path}: {error}", 1, 0, True)
+        return
+    with raw:
         stream = _open_stream(path, raw)
         record = 0
         try:

@@ -109,7 +109,8 @@ class IndexedDatasetWriter:
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"lengths add up to {int(lengths.sum())}, but {tokens.size} tokens")
         self._bin.write(tokens.tobytes(order="C"))
-        self._extend_index(lengths, 1 + np.arange(len(lengths), dtype=np.int64))
+        self._docs_chunk(self.sequence_count + 1 + np.arange(len(lengths), dtype=np.int64))
+        self._lengths_chunk(lengths)
         self.token_count += tokens.size
 
     def append_dataset(self, dataset: IndexedDataset, chunk: int = _CHUNK) -> None:
@@ -128,12 +129,6 @@ class IndexedDatasetWriter:
         for start in range(0, len(dataset.sizes), chunk):
             self._lengths_chunk(np.asarray(dataset.sizes[start : start + chunk]))
         self.token_count += dataset.num_tokens
-
-    def _extend_index(self, lengths: np.ndarray, document_ends: np.ndarray) -> None:
-        """Add sequences with `lengths`; documents end after the sequences numbered
-        `document_ends`, counted from the first of them."""
-        self._docs_chunk(document_ends + self.sequence_count)
-        self._lengths_chunk(lengths)
 
     def _lengths_chunk(self, lengths: np.ndarray) -> None:
         self._flush_lengths()
