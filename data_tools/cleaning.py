@@ -32,6 +32,8 @@ _MARKUP = re.compile(
     r"""(?:\s+[\w:-]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'<>=`]+))?)*\s*/?>""",
     re.IGNORECASE | re.DOTALL,
 )
+_C0_BYTES = bytes([*range(0, 9), 11, 12, *range(14, 32), 127])
+_C1_UTF8 = re.compile(rb"\xc2[\x80-\x9f]")  # U+0080..U+009F, as UTF-8
 _ASCII_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
 _ASCII = bytes(range(128))
 _WHITESPACE = b" \t\n\r\x0b\x0c"
@@ -59,7 +61,7 @@ def clean(text: str, options: CleaningOptions) -> tuple[str, bytes, Reason]:
         return text, b"", Reason.TOO_LONG
     if options.strip_markup and "<" in text:
         text = _MARKUP.sub("", text)
-    if options.strip_control and _CONTROL.search(text):
+    if options.strip_control and _has_control(text):
         text = _CONTROL.sub("", text)
     if options.normalize and not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
@@ -81,6 +83,18 @@ def clean(text: str, options: CleaningOptions) -> tuple[str, bytes, Reason]:
     ):
         return text, data, Reason.REPEATED_LINES
     return text, data, Reason.OK
+
+
+def _has_control(text: str) -> bool:
+    """Whether _CONTROL would match, found on the UTF-8 bytes: byte searches run at
+    memory speed, a character regex over every document costs ~5% of tokenizing."""
+    data = text.encode("utf-8", "surrogatepass")
+    return (
+        len(data.translate(None, _C0_BYTES)) != len(data)
+        or b"\xef\xbf\xbd" in data  # U+FFFD
+        or b"\xef\xbb\xbf" in data  # U+FEFF
+        or (b"\xc2" in data and _C1_UTF8.search(data) is not None)
+    )
 
 
 def alpha_fraction(text: str, data: bytes) -> float:

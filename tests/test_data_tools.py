@@ -183,3 +183,13 @@ def test_cleaning_steps(text, options, reason, cleaned):
         assert result == cleaned
     if got == Reason.OK:
         assert data == result.encode()
+
+
+def test_fast_control_character_check_agrees_with_the_regex():
+    from data_tools.cleaning import _CONTROL, _has_control
+
+    rng = np.random.default_rng(0)
+    alphabet = [chr(c) for c in [*range(0x250), 0xFFFD, 0xFEFF, 0x2028, 0xD800, 0x1F600]]
+    for _ in range(20_000):
+        text = "".join(alphabet[i] for i in rng.integers(0, len(alphabet), rng.integers(0, 6)))
+        assert _has_control(text) == bool(_CONTROL.search(text)), repr(text)
