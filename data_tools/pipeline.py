@@ -10,6 +10,7 @@ scheduled; the writer puts results back in input order before consuming them.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -170,6 +171,7 @@ def _run_processes(options, start, dtype, output: ShardedOutput, progress: Progr
         target=reader_main, args=(options, start, tasks, results, credits, os.getpid()), daemon=True
     )
     processes = [reader, *workers]
+    file_starts = [0, *itertools.accumulate(sizes)]  # bytes of the inputs before each file
     for process in processes:
         process.start()
     try:
@@ -192,7 +194,7 @@ def _run_processes(options, start, dtype, output: ShardedOutput, progress: Progr
                 credits.release()
                 next_seq += 1
                 progress.update(
-                    sum(sizes[: result.file_index]) + result.input_bytes, len(result.reasons)
+                    file_starts[result.file_index] + result.input_bytes, len(result.reasons)
                 )
     finally:
         for process in processes:
