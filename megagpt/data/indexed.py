@@ -89,26 +89,71 @@ class IndexedDatasetWriter:
         self.sequence_count += 1
         self.token_count += data.size
         if len(self._lengths) >= _CHUNK:
-            self._lengths_file.write(self._lengths.tobytes())
-            self._lengths = array("i")
+            self._flush_lengths()
 
     def end_document(self) -> None:
         self._docs.append(self.sequence_count)
         self.document_count += 1
         if len(self._docs) >= _CHUNK:
-            self._docs_file.write(self._docs.tobytes())
-            self._docs = array("q")
+            self._flush_docs()
 
     def add_document(self, tokens) -> None:
         self.add_item(tokens)
         self.end_document()
 
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many one-sequence documents at once: `tokens` holds them back to back,
+        `lengths[i]` is the size of document i. Same files as add_document in a loop."""
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != tokens.size:
+            raise ValueError(f"lengths add up to {int(lengths.sum())}, but {tokens.size} tokens")
+        self._bin.write(tokens.tobytes(order="C"))
+        self._docs_chunk(self.sequence_count + 1 + np.arange(len(lengths), dtype=np.int64))
+        self._lengths_chunk(lengths)
+        self.token_count += tokens.size
+
+    def append_dataset(self, dataset: IndexedDataset, chunk: int = _CHUNK) -> None:
+        """Append every sequence and document of `dataset`, streaming in chunks (as
+        Megatron's `add_index`, without loading its index or data into memory)."""
+        if dataset.dtype != self.dtype:
+            raise ValueError(
+                f"{dataset.idx_path}: token dtype {dataset.dtype}, but this dataset is "
+                f"{self.dtype}; merge only datasets written with the same dtype"
+            )
+        with open(dataset.bin_path, "rb") as f:
+            _copy_file_object(f, self._bin)
+        docs = dataset.document_indices
+        for start in range(1, len(docs), chunk):  # docs[0] == 0 is implied
+            self._docs_chunk(np.asarray(docs[start : start + chunk]) + self.sequence_count)
+        for start in range(0, len(dataset.sizes), chunk):
+            self._lengths_chunk(np.asarray(dataset.sizes[start : start + chunk]))
+        self.token_count += dataset.num_tokens
+
+    def _lengths_chunk(self, lengths: np.ndarray) -> None:
+        self._flush_lengths()
+        self._lengths_file.write(np.asarray(lengths, dtype=np.int32).tobytes())
+        self.sequence_count += len(lengths)
+
+    def _docs_chunk(self, document_ends: np.ndarray) -> None:
+        self._flush_docs()
+        self._docs_file.write(np.asarray(document_ends, dtype=np.int64).tobytes())
+        self.document_count += len(document_ends)
+
+    def _flush_lengths(self) -> None:
+        self._lengths_file.write(self._lengths.tobytes())
+        self._lengths = array("i")
+
+    def _flush_docs(self) -> None:
+        self._docs_file.write(self._docs.tobytes())
+        self._docs = array("q")
+
     def finalize(self) -> None:
         """Write the index and move both files to their final names."""
         if self._finished:
             return
-        self._lengths_file.write(self._lengths.tobytes())
-        self._docs_file.write(self._docs.tobytes())
+        self._flush_lengths()
+        self._flush_docs()
         for f in (self._bin, self._lengths_file, self._docs_file):
             f.flush()
             os.fsync(f.fileno())
@@ -172,8 +217,12 @@ def _partial(path: Path, suffix: str = "") -> Path:
 
 def _copy_file(source: Path, out) -> None:
     with open(source, "rb") as f:
-        while chunk := f.read(1 << 24):
-            out.write(chunk)
+        _copy_file_object(f, out)
+
+
+def _copy_file_object(source, out) -> None:
+    while chunk := source.read(1 << 24):
+        out.write(chunk)
 
 
 class IndexedDataset:
@@ -237,6 +286,36 @@ class IndexedDataset:
 
     def __len__(self) -> int:
         return len(self.sizes)
+
+    def validate(self, chunk: int = _CHUNK) -> None:
+        """Check, in chunks of `chunk` entries, what opening does not (it is O(n)): no
+        negative length, each pointer where the previous sequence ends, document
+        indices non-decreasing. Raises IndexedDatasetError naming the file."""
+        itemsize = self.dtype.itemsize
+        expected_start = 0
+        for start in range(0, len(self.sizes), chunk):
+            sizes = np.asarray(self.sizes[start : start + chunk], dtype=np.int64)
+            pointers = np.asarray(self.pointers[start : start + chunk])
+            if (sizes < 0).any():
+                bad = start + int(np.argmax(sizes < 0))
+                raise IndexedDatasetError(f"{self.idx_path}: sequence {bad} has a negative length")
+            expected = expected_start + np.concatenate(([0], np.cumsum(sizes[:-1]))) * itemsize
+            if not np.array_equal(pointers, expected):
+                bad = start + int(np.argmax(pointers != expected))
+                raise IndexedDatasetError(
+                    f"{self.idx_path}: sequence {bad} starts at byte {int(self.pointers[bad])}, "
+                    "but the sequences before it end elsewhere; pointers must be cumulative"
+                )
+            expected_start = int(expected[-1]) + int(sizes[-1]) * itemsize
+        docs = self.document_indices
+        for start in range(0, len(docs) - 1, chunk):
+            piece = np.asarray(docs[start : start + chunk + 1])
+            if (np.diff(piece) < 0).any():
+                bad = start + int(np.argmax(np.diff(piece) < 0)) + 1
+                raise IndexedDatasetError(
+                    f"{self.idx_path}: document index {bad} goes backwards; "
+                    "document indices must be non-decreasing"
+                )
 
     @property
     def num_documents(self) -> int:
