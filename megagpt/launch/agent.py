@@ -9,7 +9,7 @@ this process's, so the sbatch script can tell "checkpointed, requeue me" from a 
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -18,7 +18,6 @@ from types import FrameType
 
 from megagpt.training.preemption import STOP_SIGNALS
 
-log = logging.getLogger(__name__)
 
 # torchrun's agent turns SIGTERM into "kill every worker within 30 s" unless told to
 # leave it alone; the workers get SIGTERM from SLURM themselves and need the time.
@@ -99,10 +98,8 @@ def _forward_to_children(signum: int, frame: FrameType | None) -> None:
     # SLURM signals every process of a step itself; this covers signals sent to the
     # agent alone (kill PID, or a scheduler that only signals the task's first process).
     for pid in child_pids(os.getpid()):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
 
 def child_pids(parent: int) -> list[int]:

@@ -135,9 +135,7 @@ def slurm_rendezvous(environ: Mapping[str, str], port: int | None = None) -> Slu
     )
 
 
-def task_rank_environment(
-    environ: Mapping[str, str], port: int | None = None
-) -> dict[str, str]:
+def task_rank_environment(environ: Mapping[str, str], port: int | None = None) -> dict[str, str]:
     """torch.distributed's variables for one SLURM task per rank (no torchrun).
 
     RANK comes from SLURM_PROCID, unless torchrun already set RANK: under torchrun every

@@ -209,9 +209,7 @@ def submit(script: str, script_path: Path) -> str:
         )
     script_path.parent.mkdir(parents=True, exist_ok=True)
     script_path.write_text(script, encoding="utf-8")
-    done = subprocess.run(
-        [sbatch, "--parsable", str(script_path)], capture_output=True, text=True
-    )
+    done = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True)
     if done.returncode != 0:
         raise LaunchError(f"sbatch {script_path} failed: {done.stderr.strip()}")
     job_id = done.stdout.strip().split(";")[0]

@@ -20,7 +20,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-log = logging.getLogger("megagpt.launch.slurm_task")
+log = logging.getLogger("megagpt.launch.slurm_task")  # not __name__: run as __main__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,7 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rdzv_id=f"slurm-{rendezvous.job_id}",
     )
     log.info(
-        "node %d of %d: torchrun %s", rendezvous.node_rank, len(rendezvous.nodes),
+        "node %d of %d: torchrun %s",
+        rendezvous.node_rank,
+        len(rendezvous.nodes),
         shlex.join(arguments),
     )
     return run_agent(arguments, env)

@@ -93,7 +93,7 @@ def _split_key(spec: str, option: str, example: str) -> tuple[str, str]:
 
 
 def parse_grid(spec: str) -> tuple[str, list[str]]:
-    """"optim.lr=1e-3,3e-4" -> ("optim.lr", ["1e-3", "3e-4"])."""
+    """ "optim.lr=1e-3,3e-4" -> ("optim.lr", ["1e-3", "3e-4"])."""
     key, values = _split_key(spec, "--grid", "section.key=value1,value2 (e.g. optim.lr=1e-3,3e-4)")
     choices = [v.strip() for v in values.split(",")]
     if any(not v for v in choices):
@@ -102,7 +102,7 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
 
 
 def parse_sample(spec: str) -> Sample:
-    """"optim.lr=loguniform:1e-4:1e-2" -> Sample("optim.lr", "loguniform", 1e-4, 1e-2)."""
+    """ "optim.lr=loguniform:1e-4:1e-2" -> Sample("optim.lr", "loguniform", 1e-4, 1e-2)."""
     example = "section.key=DIST:LOW:HIGH with DIST one of uniform, loguniform, int"
     key, value = _split_key(spec, "--sample", example)
     parts = value.split(":")

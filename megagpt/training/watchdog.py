@@ -93,6 +93,11 @@ class Watchdog:
             return self.first_step_timeout_s
         return max(self.min_timeout_s, self.multiple * statistics.median(self._durations))
 
+    @property
+    def armed(self) -> bool:
+        """Whether a step is being watched now."""
+        return self._deadline is not None
+
     def step_started(self) -> None:
         with self._condition:
             self._started_at = time.monotonic()
