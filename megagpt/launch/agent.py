@@ -18,7 +18,6 @@ from types import FrameType
 
 from megagpt.training.preemption import STOP_SIGNALS
 
-
 # torchrun's agent turns SIGTERM into "kill every worker within 30 s" unless told to
 # leave it alone; the workers get SIGTERM from SLURM themselves and need the time.
 AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
