@@ -62,6 +62,22 @@ def test_every_point_is_checked_before_anything_is_written(tmp_path):
     assert typo.returncode == 2 and "unknown key optim.lrr" in typo.stderr
 
 
+def test_sweep_dry_run_prints_the_array_job_and_writes_nothing(tmp_path):
+    done = megagpt(
+        "launch",
+        "sweep",
+        f"--output-dir={tmp_path / 'sweep'}",
+        "--grid=optim.lr=1,2",
+        "--grid=train.seed=1,2",
+        "--max-parallel=2",
+        "--dry-run",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "#SBATCH --array=0-3%2" in done.stdout
+    assert f"megagpt.launch.sweep_run {tmp_path / 'sweep'}" in done.stdout
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_local_sweep_and_its_report(dataset_prefix, tokenizer, tmp_path):
     base = [o for o in tiny_overrides(dataset_prefix, tokenizer, tmp_path) if "output_dir" not in o]
     sweep_dir = tmp_path / "sweep"

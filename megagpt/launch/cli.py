@@ -100,11 +100,17 @@ def _add_slurm_options(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 
 
-def _config_args(args) -> list[str]:
+def _config_path(args) -> str | None:
+    """--config as the job will see it: a file made absolute, a preset name as given."""
     if not args.config:
-        return []
+        return None
     config = Path(args.config)
-    return ["--config", str(config.resolve()) if config.is_file() else args.config]
+    return str(config.resolve()) if config.is_file() else args.config
+
+
+def _train_command(args) -> list[str]:
+    config = _config_path(args)
+    return ["-m", "megagpt", "train", *(["--config", config] if config else []), *args.overrides]
 
 
 def _slurm_job(args, command: list[str], output_dir: Path, **extra):
@@ -151,41 +157,43 @@ def _local(args) -> int:
     from megagpt.launch.agent import run_agent, torchrun_arguments
     from megagpt.launch.environment import launch_environment
 
-    command = ["-m", "megagpt", "train", *_config_args(args), *args.overrides]
     arguments = torchrun_arguments(
-        args.nproc, command, args.nnodes, args.rdzv_endpoint, args.rdzv_id
+        args.nproc, _train_command(args), args.nnodes, args.rdzv_endpoint, args.rdzv_id
     )
     env = launch_environment(args.nproc, collective_timeout_s=args.collective_timeout)
     return run_agent(arguments, env)
 
 
-def _slurm(args, output_dir: Path) -> int:
+def _print_or_submit(job, template: Path, dry_run: bool):
+    """Print the script (dry run; returns None) or submit it (returns job id and log)."""
     from megagpt.launch.slurm import render_script, submit_job
 
-    command = ["-m", "megagpt", "train", *_config_args(args), *args.overrides]
-    job, template = _slurm_job(args, command, output_dir, job_name=args.job_name or "megagpt")
-    if args.dry_run:
+    if dry_run:
         print(render_script(job, template), end="")
-        return 0
-    job_id, log_file = submit_job(job, template)
-    print(f"submitted job {job_id}")
-    print(f"log: {log_file}")
+        return None
+    return submit_job(job, template)
+
+
+def _slurm(args, output_dir: Path) -> int:
+    job_name = args.job_name or "megagpt"
+    job, template = _slurm_job(args, _train_command(args), output_dir, job_name=job_name)
+    submitted = _print_or_submit(job, template, args.dry_run)
+    if submitted:
+        job_id, log_file = submitted
+        print(f"submitted job {job_id}")
+        print(f"log: {log_file}")
     return 0
 
 
 def _sweep(args) -> int:
     from megagpt.config import ConfigError
-    from megagpt.launch.slurm import render_script, submit_job
     from megagpt.launch.sweep import plan_sweep, run_locally, sweep_points
 
-    points = sweep_points(args.grid, args.sample, args.random, args.seed)
-    config = _config_args(args)[1:] or [None]
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError(f"--max-parallel = {args.max_parallel}: must be 1 or more")
-    sweep = plan_sweep(args.output_dir, config[0], args.overrides, points, write=not args.dry_run)
-    array = f"0-{len(points) - 1}"
-    if args.max_parallel:
-        array += f"%{args.max_parallel}"
+    points = sweep_points(args.grid, args.sample, args.random, args.seed)
+    write = not args.dry_run
+    sweep = plan_sweep(args.output_dir, _config_path(args), args.overrides, points, write)
     if args.local and args.dry_run:
         for index in range(len(sweep.runs)):
             print(shlex.join(["megagpt", "train", *sweep.train_arguments(index)]))
@@ -197,17 +205,16 @@ def _sweep(args) -> int:
         print(f"{len(codes) - len(failed)} of {len(codes)} runs finished{failures}")
         print(f"report: megagpt sweep-report {sweep.directory}")
         return 1 if failed else 0
+    array = f"0-{len(points) - 1}" + (f"%{args.max_parallel}" if args.max_parallel else "")
     command = ["-m", "megagpt.launch.sweep_run", sweep.directory]
-    job, template = _slurm_job(
-        args, command, Path(sweep.directory), job_name=args.job_name or "megagpt-sweep", array=array
-    )
-    if args.dry_run:
-        print(render_script(job, template), end="")
-        return 0
-    job_id, log_file = submit_job(job, template)
-    print(f"submitted job array {job_id} ({len(points)} runs) from {sweep.directory}/sweep.json")
-    print(f"logs: {log_file}")
-    print(f"report: megagpt sweep-report {sweep.directory}")
+    job_name = args.job_name or "megagpt-sweep"
+    job, template = _slurm_job(args, command, Path(sweep.directory), job_name=job_name, array=array)
+    submitted = _print_or_submit(job, template, args.dry_run)
+    if submitted:
+        job_id, log_file = submitted
+        print(f"submitted job array {job_id} ({len(points)} runs) from {sweep.directory}")
+        print(f"logs: {log_file}")
+        print(f"report: megagpt sweep-report {sweep.directory}")
     return 0
 
 
