@@ -261,6 +261,8 @@ def test_launch_local_trains_on_two_processes(dataset_prefix, tokenizer, tmp_pat
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     two_nodes = megagpt("launch", "local", "--nnodes", "2", f"train.output_dir={tmp_path}")
     assert two_nodes.returncode == 1 and "needs --rdzv-endpoint" in two_nodes.stderr
+    none = megagpt("launch", "local", "--nproc", "0", f"train.output_dir={tmp_path}")
+    assert none.returncode == 2 and "--nproc = 0: must be 1 or more" in none.stderr
 
 
 def test_torchrun_script_passes_its_arguments_on(tmp_path):

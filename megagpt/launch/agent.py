@@ -33,8 +33,6 @@ def torchrun_arguments(
     """torchrun's command line: `command` is what follows `python` for each worker
     (`-m megagpt train ...` or `script.py ...`). No endpoint on one node: the store
     then binds a port the OS picks, so jobs sharing a machine never collide."""
-    if nproc_per_node < 1:
-        raise ValueError(f"--nproc-per-node = {nproc_per_node}: must be 1 or more")
     if nnodes > 1 and not rdzv_endpoint:
         raise ValueError(
             f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every node "

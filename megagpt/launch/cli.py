@@ -153,9 +153,19 @@ def run_launch(args) -> int:
     return _sweep(args)
 
 
+def _at_least_one(**options: int) -> None:
+    from megagpt.config import ConfigError
+
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} = {value}: must be 1 or more")
+
+
 def _local(args) -> int:
     from megagpt.launch.agent import run_agent, torchrun_arguments
     from megagpt.launch.environment import launch_environment
+
+    _at_least_one(nproc=args.nproc, nnodes=args.nnodes, collective_timeout=args.collective_timeout)
 
     arguments = torchrun_arguments(
         args.nproc, _train_command(args), args.nnodes, args.rdzv_endpoint, args.rdzv_id
@@ -186,11 +196,9 @@ def _slurm(args, output_dir: Path) -> int:
 
 
 def _sweep(args) -> int:
-    from megagpt.config import ConfigError
     from megagpt.launch.sweep import plan_sweep, run_locally, sweep_points
 
-    if args.max_parallel is not None and args.max_parallel < 1:
-        raise ConfigError(f"--max-parallel = {args.max_parallel}: must be 1 or more")
+    _at_least_one(max_parallel=args.max_parallel, nproc=args.nproc)
     points = sweep_points(args.grid, args.sample, args.random, args.seed)
     write = not args.dry_run
     sweep = plan_sweep(args.output_dir, _config_path(args), args.overrides, points, write)

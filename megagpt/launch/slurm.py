@@ -103,11 +103,11 @@ def validate_job(job: SlurmJob) -> None:
                 f"--signal-lead = {job.signal_lead_s} s is not shorter than --time = "
                 f"{job.time} ({limit} s): the warning would come before the job starts"
             )
-    named = [("--job-name", job.job_name), ("--output", job.log_path)]
+    named = [("--job-name", job.job_name), ("--output (under train.output_dir)", job.log_path)]
     for option, value in [*named, *_optional_header_options(job)]:
         if value is not True and not _HEADER_VALUE.match(str(value)):
             raise ConfigError(
-                f"{option} = {value!r}: sbatch header values may hold letters, digits "
+                f"{option} = {str(value)!r}: sbatch header values may hold letters, digits "
                 "and _.,:=%@/+-[] only (no spaces or quotes)"
             )
     for arg in job.sbatch_args:
@@ -169,7 +169,7 @@ def render_script(job: SlurmJob, template: Path = TEMPLATE) -> str:
     mode = ["--per-task"] if per_task else ["--nproc-per-node", str(job.processes_per_node)]
     if job.port is not None:
         mode += ["--port", str(job.port)]
-    task_command = [job.python, "-m", "megagpt.launch.slurm_task", *mode, "--", *job.command]
+    task = [job.python, "-m", "megagpt.launch.slurm_task", *mode, "--"]
     values = {
         "job_name": job.job_name,
         "nodes": str(job.nodes),
@@ -183,7 +183,7 @@ def render_script(job: SlurmJob, template: Path = TEMPLATE) -> str:
         "watchdog_exit_code": str(WATCHDOG_EXIT_CODE),
         "workdir": shlex.quote(str(Path(job.workdir).resolve())),
         "collective_timeout_s": str(job.collective_timeout_s),
-        "task_command": shlex.join(task_command),
+        "task_command": f"{shlex.join(task)} \\\n        {shlex.join(job.command)}",
     }
     return fill_template(template.read_text(encoding="utf-8"), values, template)
 
