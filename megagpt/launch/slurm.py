@@ -19,8 +19,8 @@ from megagpt.training.watchdog import WATCHDOG_EXIT_CODE
 
 log = logging.getLogger(__name__)
 
-LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
-TEMPLATE = LAUNCH_DIR / "slurm.sbatch.template"
+# launch/ at the top of the repository, like configs/: users find and copy it there.
+TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch.template"
 
 # Values that go into "#SBATCH --key=value" lines, which sbatch reads without a shell:
 # no spaces, quotes or anything that could end the line.
@@ -199,7 +199,7 @@ def fill_template(text: str, values: dict[str, str], source: Path | str) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
 
-def submit(script: str, script_path: Path) -> str:
+def _submit(script: str, script_path: Path) -> str:
     """Write `script` to `script_path` and submit it; returns the job id."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
@@ -222,7 +222,7 @@ def submit_job(job: SlurmJob, template: Path = TEMPLATE) -> tuple[str, Path]:
     script = render_script(job, template)
     log_dir = job.log_path.parent
     log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create it
-    job_id = submit(script, log_dir / f"{job.job_name}.sbatch")
+    job_id = _submit(script, log_dir / f"{job.job_name}.sbatch")
     log_file = str(job.log_path).replace("%j", job_id)
     if job.array:
         log_file = log_file.replace("%A", job_id).replace("%a", "*")

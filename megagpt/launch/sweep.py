@@ -58,7 +58,6 @@ class Sweep:
     directory: str
     config: str | None
     overrides: list[str]
-    keys: list[str]
     runs: list[SweepRun]
 
     def run_overrides(self, index: int) -> list[str]:
@@ -170,7 +169,7 @@ def plan_sweep(
     runs = [
         SweepRun(f"run-{i}", dict(point), str(root / f"run-{i}")) for i, point in enumerate(points)
     ]
-    sweep = Sweep(str(root), config_path, list(overrides), list(points[0]), runs)
+    sweep = Sweep(str(root), config_path, list(overrides), runs)
     for index, run in enumerate(runs):
         try:
             load_config(config_path, sweep.run_overrides(index))
