@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Train on one node with N processes:
+# Train with N processes on this machine:
 #   launch/torchrun.sh 8 --config configs/gpt2-124m.yaml data.path=... data.tokenizer=...
-# NPROC defaults to the number of GPUs (or 1 on a CPU-only machine). Extra arguments go
-# to `megagpt train`. OMP_NUM_THREADS defaults to cores / processes; set it to override.
+# or on each of several machines (same command on every node; c10d rendezvous, no ssh):
+#   NNODES=2 RDZV_ENDPOINT=node01:29400 launch/torchrun.sh 8 --config ...
+# N defaults to the number of GPUs (1 without any). This is `megagpt launch local`, which
+# sets OMP_NUM_THREADS (cores / processes), TORCH_NCCL_ASYNC_ERROR_HANDLING=3 and the
+# collective timeout (MEGAGPT_COLLECTIVE_TIMEOUT_S) unless they are already set, and
+# exits with the training processes' own exit code.
 set -euo pipefail
 
 nproc="${1:-}"
-if [[ -z "$nproc" || "$nproc" == -* ]]; then
-    nproc=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
-else
+if [[ "$nproc" =~ ^[0-9]+$ ]]; then
     shift
+else
+    nproc=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi
-cores=$(nproc)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}"
-
-# A free port chosen by the OS, so two jobs on one machine do not collide.
-port=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-exec python -m torch.distributed.run --nnodes=1 --nproc-per-node="$nproc" \
-    --rdzv-backend=c10d --rdzv-endpoint="127.0.0.1:$port" \
-    -m megagpt train "$@"
+nodes=()
+if [[ -n "${NNODES:-}" ]]; then
+    nodes=(--nnodes "$NNODES" --rdzv-endpoint "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=HOST:PORT of the first node}")
+fi
+exec python -m megagpt launch local --nproc "$nproc" "${nodes[@]}" "$@"

@@ -1,4 +1,4 @@
-"""The `megagpt` command: train, generate, eval, demo, config."""
+"""The `megagpt` command: train, generate, eval, demo, config, launch, sweep-report."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+
+from megagpt.launch.cli import add_launch_commands, run_launch, run_sweep_report
 
 OVERRIDES_HELP = "settings as section.key=value (e.g. optim.lr=3e-4 model.n_layers=4)"
 FIELDS_HINT = "Every setting, its type, default and meaning: megagpt config fields"
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_generate, _add_eval, _add_demo, _add_config):
         add(sub)
+    add_launch_commands(sub)
     return parser
 
 
@@ -147,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megagpt.checkpoint import CheckpointError
     from megagpt.config import ConfigError
     from megagpt.data.indexed import IndexedDatasetError
+    from megagpt.launch.slurm import LaunchError
     from megagpt.training.trainer import NonFiniteLossError
 
     handlers = {
@@ -155,9 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": _eval,
         "demo": _demo,
         "config": _config,
+        "launch": run_launch,
+        "sweep-report": run_sweep_report,
     }
     try:
-        handlers[args.command](args)
+        code = handlers[args.command](args)
     except ConfigError as error:
         print(f"megagpt {args.command}: configuration error: {error}", file=sys.stderr)
         return 2
@@ -165,12 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointError,
         IndexedDatasetError,
         NonFiniteLossError,
+        LaunchError,
         FileNotFoundError,
         ValueError,
     ) as error:
         print(f"megagpt {args.command}: error: {error}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

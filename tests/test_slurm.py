@@ -1,0 +1,250 @@
+"""Real jobs on a private single-node SLURM cluster (tests/slurm_cluster.py): training
+submitted with `megagpt launch slurm`, a sweep as a job array, and the sbatch script's
+preemption path (signal forwarding, requeue, appended logs, --max-restarts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megagpt.launch.rendezvous import expand_hostlist
+from megagpt.launch.slurm import SlurmJob, submit_job
+from tests.conftest import tiny_overrides
+from tests.slurm_cluster import SlurmCluster, missing_requirements
+
+STANDIN = Path(__file__).with_name("preemption_standin.py")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = missing_requirements()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SLURM tests: {reason}")
+        pytest.skip(reason)
+    cluster = SlurmCluster.start()
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = cluster.env["SLURM_CONF"]  # for submit_job's sbatch
+    try:
+        yield cluster
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        cluster.stop()
+
+
+def job_field(cluster: SlurmCluster, job_id: str, name: str) -> str:
+    shown = cluster.run("scontrol", "show", "job", job_id).stdout
+    return re.search(rf"\b{name}=(\S+)", shown).group(1)
+
+
+def wait_for_job(cluster: SlurmCluster, job_id: str, timeout_s: float = 120) -> str:
+    """Wait until the job (every task of an array) has ended; return its final state."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        queued = cluster.run("squeue", "--noheader", "--format=%i", f"--jobs={job_id}").stdout
+        if not queued.strip():
+            return job_field(cluster, job_id, "JobState")
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still queued after {timeout_s:.0f}s\n{cluster.daemon_logs()}")
+
+
+def wait_for_file(path: Path, cluster: SlurmCluster, log: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            text = log.read_text() if log.exists() else "(no log)"
+            raise TimeoutError(f"{path} did not appear in {timeout_s:.0f}s; log:\n{text}")
+        time.sleep(0.2)
+
+
+def wait_for_restart(
+    cluster: SlurmCluster, job_id: str, restarts: int, *updates: str, timeout_s: float = 90
+) -> None:
+    """Wait until the job runs its restart number `restarts`, applying `updates` (scontrol
+    Key=Value) while it waits. SLURM holds a requeued job for the credential lifetime; a
+    job forced to start sooner (StartTime=now) can be killed as "credential revoked"."""
+    deadline = time.monotonic() + timeout_s
+    updated = False
+    while time.monotonic() < deadline:
+        shown = cluster.run("scontrol", "show", "job", job_id).stdout
+        state = re.search(r"JobState=(\S+)", shown)[1]
+        if int(re.search(r"Restarts=(\d+)", shown)[1]) >= restarts:
+            if state == "RUNNING":
+                return
+            if state == "PENDING" and updates and not updated:
+                cluster.run("scontrol", "update", f"jobid={job_id}", *updates)
+                updated = True
+        time.sleep(0.5)
+    raise TimeoutError(
+        f"job {job_id} did not run its restart {restarts} within {timeout_s:.0f}s:\n"
+        f"{shown}\n{cluster.daemon_logs()}"
+    )
+
+
+def megagpt(cluster: SlurmCluster, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "megagpt", *args],
+        env=cluster.env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_hostlist_parser_agrees_with_scontrol(cluster):
+    for hostlist in ("gpu[01-04,07]", "node-[1-3],login5", "rack[1-2]-gpu[08-11]", "n[1,01]"):
+        expected = cluster.run("scontrol", "show", "hostnames", hostlist).stdout.split()
+        assert expand_hostlist(hostlist) == expected
+
+
+@pytest.mark.parametrize("rendezvous", ["torchrun", "srun"])
+def test_two_process_cpu_training_job(cluster, dataset_prefix, tokenizer, tmp_path, rendezvous):
+    out = tmp_path / "run"
+    done = megagpt(
+        cluster,
+        "launch",
+        "slurm",
+        "--nproc-per-node=2",
+        f"--rendezvous={rendezvous}",
+        "--time=10",
+        *tiny_overrides(dataset_prefix, tokenizer, out),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    job_id = re.search(r"submitted job (\d+)", done.stdout).group(1)
+    log = out / "slurm" / f"{job_id}.log"
+    assert f"log: {log}" in done.stdout
+    assert wait_for_job(cluster, job_id) == "COMPLETED", log.read_text()
+    text = log.read_text()
+    assert "training exited with status 0" in text
+    if rendezvous == "torchrun":
+        assert "--nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=localhost:" in text
+    else:
+        assert "rank 0 of 2" in text and "rank 1 of 2" in text
+    assert "data parallel: 2 replicas" in text
+    steps = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 6 and '"val_loss"' in steps[-1]
+    assert (out / "checkpoints" / "step_00000006").is_dir()
+
+
+def test_sweep_as_a_job_array_and_its_report(cluster, dataset_prefix, tokenizer, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    base = [o for o in tiny_overrides(dataset_prefix, tokenizer, tmp_path) if "output_dir" not in o]
+    done = megagpt(
+        cluster,
+        "launch",
+        "sweep",
+        f"--output-dir={sweep_dir}",
+        "--grid=optim.lr=1e-3,1e-2",
+        "--grid=model.n_layers=1,2",
+        "--time=10",
+        *base,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    job_id = re.search(r"submitted job array (\d+) \(4 runs\)", done.stdout).group(1)
+    wait_for_job(cluster, job_id)
+    for index in range(4):
+        state = job_field(cluster, f"{job_id}_{index}", "JobState")
+        assert state == "COMPLETED", (sweep_dir / "slurm" / f"{job_id}_{index}.log").read_text()
+    report = megagpt(cluster, "sweep-report", str(sweep_dir), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    header, *rows = report.stdout.splitlines()
+    assert header.split() == [
+        "rank",
+        "run",
+        "optim.lr",
+        "model.n_layers",
+        "val_loss",
+        "step",
+        "note",
+    ]
+    assert [row.split()[0] for row in rows] == ["1", "2", "3", "4"]
+    losses = [float(row.split()[4]) for row in rows]
+    assert losses == sorted(losses) and len(set(losses)) == 4
+    points = {tuple(row.split()[2:4]) for row in rows}
+    assert points == {(lr, n) for lr in ("1e-3", "1e-2") for n in ("1", "2")}
+    for row in rows:
+        last = json.loads(
+            (sweep_dir / row.split()[1] / "metrics.jsonl").read_text().splitlines()[-1]
+        )
+        assert f"{last['val_loss']:.4f}" == row.split()[4]
+
+
+def standin_job(state_dir: Path, max_restarts: int, time_limit: str, lead_s: int, *args: str):
+    return SlurmJob(
+        command=[str(STANDIN), str(state_dir), *args],
+        output_dir=state_dir,
+        nproc_per_node=2,
+        time=time_limit,
+        signal_lead_s=lead_s,
+        max_restarts=max_restarts,
+        job_name="standin",
+    )
+
+
+def standin_lines(log: Path, rank: int = 0) -> list[str]:
+    return [line for line in log.read_text().splitlines() if f"standin: rank {rank} " in line]
+
+
+def test_time_limit_warning_checkpoints_and_requeues(cluster, tmp_path):
+    # --time 1 minute with a 55 s lead: SLURM sends SIGUSR1 to the batch shell at its first
+    # time-limit check after 5 s (it checks every 30 s or so).
+    job = standin_job(tmp_path, 1, "1", 55, "--finish-from-restart=1")
+    job_id, log = submit_job(job)
+    wait_for_file(tmp_path / "ready-0", cluster, log)
+    # the restarted run would get the same warning: give it room to finish
+    wait_for_restart(cluster, job_id, 1, "TimeLimit=10")
+    assert wait_for_job(cluster, job_id) == "COMPLETED", log.read_text()
+    text = log.read_text()
+    assert "SIGUSR1 at" in text  # the batch shell got the warning ...
+    stopped = re.search(r"rank 0 restart 0 stops at step (\d+) \(this rank got SIGUSR1\)", text)
+    assert stopped, text  # ... and the training processes did
+    step = int(stopped[1])
+    assert f"rank 0 restart 1 resumes at step {step}" in text
+    assert f"rank 0 restart 1 finished at step {step + 3}" in text
+    assert "requeueing (restart 1 of 1)" in text
+    # one log across both runs, in order
+    assert text.index("(restart 0, at most 1)") < text.index("(restart 1, at most 1)")
+    assert job_field(cluster, job_id, "Restarts") == "1"
+
+
+def test_scancel_signals_requeue_until_max_restarts(cluster, tmp_path):
+    job_id, log = submit_job(standin_job(tmp_path, 3, "10", 60))
+    ways = [
+        ("--batch", "--signal=USR1"),  # the batch shell only: it forwards to the step
+        ("--full", "--signal=USR1"),  # batch shell and every task
+        ("--signal=TERM",),  # the tasks only, as a preemption would
+    ]
+    for restart, way in enumerate(ways):
+        wait_for_file(tmp_path / f"ready-{restart}", cluster, log)
+        cluster.run("scancel", *way, job_id)
+        wait_for_restart(cluster, job_id, restart + 1)
+    wait_for_file(tmp_path / "ready-3", cluster, log)
+    cluster.run("scancel", job_id)  # cancel: SIGTERM, then SIGKILL after KillWait
+    assert wait_for_job(cluster, job_id) == "CANCELLED"
+    text = log.read_text()
+    # a cancel sends SIGTERM to every process, and the batch shell forwards it as SIGUSR1
+    expected_signals = ["SIGUSR1", "SIGUSR1", "SIGTERM", "SIG"]
+    stopped_at = 0
+    for restart, signal_name in enumerate(expected_signals):
+        lines = [line for line in standin_lines(log) if f"restart {restart} " in line]
+        assert f"resumes at step {stopped_at}" in lines[0], text  # from the "checkpoint"
+        assert f"(this rank got {signal_name}" in lines[1], text
+        stopped_at = int(re.search(r"stops at step (\d+)", lines[1])[1])
+    for restart in (1, 2, 3):
+        assert f"requeueing (restart {restart} of 3)" in text
+        assert f"(restart {restart}, at most 3)" in text
+    assert "not requeueing: 3 restarts reached --max-restarts 3" in text
+    assert job_field(cluster, job_id, "Restarts") == "3"
