@@ -78,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args) -> None:
+def _train(args) -> int:
     from megagpt.config import load_config
+    from megagpt.training.preemption import REQUEUE_EXIT_CODE
     from megagpt.training.trainer import train
 
-    train(load_config(args.config, args.overrides))
+    result = train(load_config(args.config, args.overrides))
+    return REQUEUE_EXIT_CODE if result.preempted else 0
 
 
 def _generate(args) -> None:

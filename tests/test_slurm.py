@@ -248,3 +248,81 @@ def test_scancel_signals_requeue_until_max_restarts(cluster, tmp_path):
         assert f"(restart {restart}, at most 3)" in text
     assert "not requeueing: 3 restarts reached --max-restarts 3" in text
     assert job_field(cluster, job_id, "Restarts") == "3"
+
+
+def metric_steps(path: Path) -> list[int]:
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_step(path: Path, beyond: int, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (metric_steps(path) and max(metric_steps(path)) > beyond):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no step past {beyond} in {path}; log:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def test_stopped_training_requeues_and_finishes_like_an_uninterrupted_run(
+    cluster, dataset_prefix, tokenizer, tmp_path
+):
+    """The real trainer: SIGUSR1 to the batch shell (how the time-limit warning arrives)
+    and then a SIGTERM to the tasks (a preemption) each make it finish its step, save,
+    exit 75 and requeue; the third run finishes. Every step's loss equals that of an
+    uninterrupted run of the same layout."""
+    settings = [
+        "train.max_steps=40",
+        "train.eval_interval=40",
+        "logging.tensorboard=false",
+        "model.n_layers=4",
+        "model.hidden_size=128",
+        "train.global_batch_size=16",
+    ]
+    reference = megagpt(
+        cluster,
+        "launch",
+        "local",
+        "--nproc=2",
+        *tiny_overrides(dataset_prefix, tokenizer, tmp_path / "whole"),
+        *settings,
+        cwd=tmp_path,
+    )
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "stopped"
+    done = megagpt(
+        cluster,
+        "launch",
+        "slurm",
+        "--nproc-per-node=2",
+        "--time=10",
+        "--max-restarts=2",
+        *tiny_overrides(dataset_prefix, tokenizer, out),
+        *settings,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    job_id = re.search(r"submitted job (\d+)", done.stdout).group(1)
+    log = out / "slurm" / f"{job_id}.log"
+    metrics = out / "metrics.jsonl"
+    wait_for_step(metrics, 5, log)
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    wait_for_restart(cluster, job_id, 1)
+    first_stop = max(metric_steps(metrics))
+    wait_for_step(metrics, first_stop + 3, log)
+    cluster.run("scancel", "--signal=TERM", job_id)
+    wait_for_restart(cluster, job_id, 2)
+    assert wait_for_job(cluster, job_id, timeout_s=180) == "COMPLETED", log.read_text()
+    text = log.read_text()
+    stops = [
+        line
+        for line in text.splitlines()
+        if "[rank0]" in line and "stopped on request after saving a checkpoint" in line
+    ]
+    assert len(stops) == 2, text
+    assert text.count("resumed from") == 2 and "requeueing (restart 2 of 2)" in text
+    whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").open()]
+    stopped = [json.loads(x) for x in metrics.open()]
+    assert [r["step"] for r in stopped] == list(range(1, 41))  # each step once
+    assert [r["loss"] for r in stopped] == [r["loss"] for r in whole]
+    assert stopped[-1]["val_loss"] == whole[-1]["val_loss"]

@@ -128,3 +128,23 @@ def test_torchrun_command_line_matches_one_process(dataset_prefix, tokenizer, tm
     assert "data parallel: 2 replicas" in log
     for a, b in zip(single, double):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_max_nan_skips_skips_then_stops(tiny_config):
+    """Step 1 updates with an absurd learning rate, so every later step is NaN: two are
+    skipped without an update (train.max_nan_skips=2), the third stops the run."""
+    config = apply_overrides(
+        tiny_config,
+        [
+            "optim.lr=1e30",
+            "optim.grad_clip=0",
+            "optim.warmup_steps=0",
+            "train.max_nan_skips=2",
+            "checkpoint.interval=1",
+        ],
+        "test",
+    )
+    with pytest.raises(NonFiniteLossError, match=r"step 4: .*\(2 earlier steps were skipped"):
+        train(config)
+    metrics = [json.loads(line) for line in open(Path(config.train.output_dir) / "metrics.jsonl")]
+    assert [r["step"] for r in metrics] == [1]  # skipped steps log no metrics

@@ -64,7 +64,7 @@ class Checkpointer:
         self.config, self.model, self.optimizers = config, model, optimizers
         self.root, self.is_main = root, is_main
         self._pending: _Pending | None = None
-        self._published: list[Path] = []
+        self.last_step: int | None = None  # the step of the newest save started
         # Background writes run their collectives on a group of their own, so they
         # never interleave with the training loop's collectives.
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -78,6 +78,7 @@ class Checkpointer:
         """Start saving the current state as checkpoint `step` (returns before the
         files are written when checkpoint.async_save is on)."""
         self.wait()
+        self.last_step = step
         partial = layout.partial_dir(self.root, step)
         if self.is_main:
             if partial.exists():
@@ -138,7 +139,6 @@ class Checkpointer:
             total,
             pending.blocked_s,
         )
-        self._published.append(final)
         return final
 
     # ------------------------------------------------------------------ load

@@ -196,6 +196,22 @@ class TrainConfig:
     compile: bool = False
     """Compile every transformer block with torch.compile."""
 
+    max_nan_skips: int = 0
+    """Steps with a NaN or infinite loss or gradient norm to skip (no update) before the
+    run stops; 0 stops at the first one."""
+
+    watchdog_multiple: float = 10.0
+    """A training step taking longer than this many times the median step time (and
+    than watchdog_min_timeout_s) dumps every rank's Python stack and exits with code
+    76, so SLURM can requeue the job; 0 disables the watchdog."""
+
+    watchdog_min_timeout_s: float = 300.0
+    """The watchdog never fires before a step has run this long."""
+
+    collective_timeout_s: int | None = None
+    """Seconds a collective may block before the process group fails; None takes
+    MEGAGPT_COLLECTIVE_TIMEOUT_S (set by megagpt launch) or 600."""
+
 
 @dataclass
 class CheckpointConfig:

@@ -98,6 +98,26 @@ def validate_config(config: Config) -> None:
         f"must be a multiple of train.micro_batch_size ({t.micro_batch_size})",
     )
     _check(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
+    _check(t.max_nan_skips >= 0, "train.max_nan_skips", t.max_nan_skips, "must be >= 0")
+    _check(
+        t.watchdog_multiple >= 0,
+        "train.watchdog_multiple",
+        t.watchdog_multiple,
+        "must be >= 0 (0 disables the watchdog)",
+    )
+    _check(
+        t.watchdog_min_timeout_s > 0,
+        "train.watchdog_min_timeout_s",
+        t.watchdog_min_timeout_s,
+        "must be positive",
+    )
+    timeout = t.collective_timeout_s
+    _check(
+        timeout is None or timeout > 0,
+        "train.collective_timeout_s",
+        timeout,
+        "must be a positive number of seconds, or null",
+    )
     _check(
         config.checkpoint.interval >= 0,
         "checkpoint.interval",

@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from megagpt.launch.environment import DEFAULT_COLLECTIVE_TIMEOUT_S
+from megagpt.launch.environment import DEFAULT_COLLECTIVE_TIMEOUT_S, resume_by_default
 
 OVERRIDES_HELP = "settings as section.key=value, passed to `megagpt train`"
 
@@ -109,8 +109,10 @@ def _config_path(args) -> str | None:
 
 
 def _train_command(args) -> list[str]:
+    """The `megagpt train` command a launched job runs (resuming by default)."""
     config = _config_path(args)
-    return ["-m", "megagpt", "train", *(["--config", config] if config else []), *args.overrides]
+    overrides = resume_by_default(args.overrides)
+    return ["-m", "megagpt", "train", *(["--config", config] if config else []), *overrides]
 
 
 def _slurm_job(args, command: list[str], output_dir: Path, **extra):

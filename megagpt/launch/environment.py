@@ -50,6 +50,15 @@ def launch_environment(
     return env
 
 
+def resume_by_default(overrides: list[str]) -> list[str]:
+    """Overrides for a launched `megagpt train`. A launched job may be restarted
+    (requeue, preemption, a node failure), so it resumes from its own latest
+    checkpoint unless the user chose otherwise with checkpoint.resume."""
+    if any(o.startswith("checkpoint.resume=") for o in overrides):
+        return list(overrides)
+    return [*overrides, "checkpoint.resume=auto"]
+
+
 def collective_timeout_s(environ: Mapping[str, str] | None = None) -> int:
     """The process-group timeout the launcher chose (MEGAGPT_COLLECTIVE_TIMEOUT_S).
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megagpt.config import ConfigError, load_config
+from megagpt.launch.environment import resume_by_default
 
 MANIFEST = "sweep.json"
 DISTRIBUTIONS = ("uniform", "loguniform", "int")
@@ -64,7 +65,7 @@ class Sweep:
         """The command-line overrides of run `index`: base, point, then its output dir."""
         run = self.runs[index]
         point = [f"{key}={value}" for key, value in run.point.items()]
-        return [*self.overrides, *point, f"train.output_dir={run.output_dir}"]
+        return resume_by_default([*self.overrides, *point, f"train.output_dir={run.output_dir}"])
 
     def train_arguments(self, index: int) -> list[str]:
         """`megagpt train` arguments for run `index`."""

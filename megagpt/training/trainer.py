@@ -9,6 +9,7 @@ logged loss is the mean over the global batch, the same number whatever the layo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ import torch
 from megagpt.checkpoint import Checkpointer
 from megagpt.config import Config, ConfigError, save_config
 from megagpt.data import build_datasets
+from megagpt.launch.environment import collective_timeout_s
 from megagpt.model.flops import flops_per_token, parameter_counts
 from megagpt.parallel import init_distributed, shutdown_distributed
 from megagpt.parallel.memory import log_memory, memory_bytes
@@ -32,7 +34,9 @@ from megagpt.training.optimizer import (
     learning_rate,
     set_learning_rate,
 )
+from megagpt.training.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from megagpt.training.steps import dropout_seed, evaluate, microbatch_indices, step_batches
+from megagpt.training.watchdog import Watchdog
 from megagpt.utils.allocator import keep_freed_memory
 from megagpt.utils.hardware import peak_tflops
 from megagpt.utils.logging import setup_logging
@@ -56,6 +60,10 @@ class TrainResult:
     """This rank's parameter, gradient and optimizer-state bytes after the first step."""
     start_step: int = 0
     """The step this run started from (non-zero after a resume)."""
+    preempted: bool = False
+    """The run stopped early on SIGUSR1/SIGTERM, after saving a checkpoint."""
+    skipped_steps: list[int] = field(default_factory=list)
+    """Steps whose loss or gradient norm was not finite, skipped without an update."""
 
 
 def resolve_precision(config: Config, device: torch.device) -> str:
@@ -75,7 +83,8 @@ def autocast_for(precision: str, device: torch.device):
 
 def train(config: Config) -> TrainResult:
     """Train as configured; call it on every rank (torchrun sets the environment)."""
-    env = init_distributed(config.train.device)
+    timeout = config.train.collective_timeout_s or collective_timeout_s()
+    env = init_distributed(config.train.device, timeout_s=timeout)
     setup_logging(env.rank, config.logging.level, config.logging.all_ranks)
     try:
         return Trainer(config, env).run()
@@ -151,6 +160,7 @@ class Trainer:
     def _resume(self) -> tuple[int, int]:
         """Load the checkpoint that checkpoint.resume selects; return the step to start
         from and the offset that puts the data at the checkpoint's consumed samples."""
+        self.nan_skips = 0
         point = self.checkpointer.resume_point()
         if point is None:
             if self.config.checkpoint.resume not in ("none", "auto"):
@@ -159,6 +169,7 @@ class Trainer:
                 )
             return 0, 0
         metadata = self.checkpointer.load(point)
+        self.nan_skips = int(metadata.get("nan_skips", 0))
         step = int(metadata["step"])
         consumed = int(metadata["consumed_samples"])
         log.info(
@@ -175,40 +186,74 @@ class Trainer:
     def run(self) -> TrainResult:
         t = self.config.train
         result = TrainResult(start_step=self.start_step)
+        # A stop request (SLURM's time-limit warning, scancel, preemption) ends the run
+        # after the current step with a checkpoint; every rank decides together.
+        preemption = PreemptionHandler(device=self.env.device.type).install()
+        watchdog = (
+            Watchdog(multiple=t.watchdog_multiple, min_timeout_s=t.watchdog_min_timeout_s)
+            if t.watchdog_multiple > 0
+            else None
+        )
         self.started = self.window_start = time.perf_counter()
         self.window_steps = 0
         try:
             for step in range(self.start_step, t.max_steps):
                 lr = learning_rate(step, self.config.optim, t.max_steps)
-                try:
-                    loss, grad_norm = self._step(step, lr)
-                except NonFiniteLossError:
-                    self.checkpointer.wait()  # the save in flight is the last good state
-                    raise
                 done = step + 1
-                if step == self.start_step:
-                    result.memory = memory_bytes(self.model, self.optimizer)
-                    log_memory("after the first step", result.memory, self.env.device)
-                self.optimizer.zero_grad(set_to_none=True)
-                result.losses.append(loss)
-                self.window_steps += 1
-                is_last = done == t.max_steps
-                metrics = self._maybe_evaluate(done, is_last, result)
-                if (
-                    metrics
-                    or done % self.config.logging.log_interval == 0
-                    or (done == self.start_step + 1 or is_last)
-                ):
-                    self._log(done, loss, lr, grad_norm, metrics)
-                interval = self.config.checkpoint.interval
-                if is_last or (interval and done % interval == 0):
-                    self._save(done, loss, lr)
+                with watchdog.step() if watchdog else contextlib.nullcontext():
+                    outcome = self._step(step, lr)
+                    stop = preemption.should_stop(done)
+                if outcome is None:
+                    result.skipped_steps.append(done)
+                else:
+                    self._after_step(done, *outcome, lr, result)
+                if stop:
+                    if self.checkpointer.last_step != done:
+                        self._save(done, result.losses[-1] if result.losses else math.nan, lr)
+                    result.preempted = True
+                    log.warning(
+                        "step %d | stopped on request after saving a checkpoint; "
+                        "exit code %d asks the launcher to requeue",
+                        done,
+                        REQUEUE_EXIT_CODE,
+                    )
+                    break
             result.checkpoint = self.checkpointer.wait()
+        except NonFiniteLossError:
+            self.checkpointer.wait()  # the save in flight is the last good state
+            raise
         finally:
+            if watchdog is not None:
+                watchdog.close()
+            if not result.preempted:  # keep ignoring late copies of the stop signal
+                preemption.uninstall()
             self.sink.close()
         return result
 
-    def _step(self, step: int, lr: float) -> tuple[float, float]:
+    def _after_step(
+        self, done: int, loss: float, grad_norm: float, lr: float, result: TrainResult
+    ) -> None:
+        t = self.config.train
+        if not result.memory:
+            result.memory = memory_bytes(self.model, self.optimizer)
+            log_memory("after the first step", result.memory, self.env.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.losses.append(loss)
+        self.window_steps += 1
+        is_last = done == t.max_steps
+        metrics = self._maybe_evaluate(done, is_last, result)
+        if (
+            metrics
+            or done % self.config.logging.log_interval == 0
+            or (len(result.losses) == 1 or is_last)
+        ):
+            self._log(done, loss, lr, grad_norm, metrics)
+        interval = self.config.checkpoint.interval
+        if is_last or (interval and done % interval == 0):
+            self._save(done, loss, lr)
+
+    def _step(self, step: int, lr: float) -> tuple[float, float] | None:
+        """One optimizer step; (loss, grad norm), or None if it was skipped as non-finite."""
         set_learning_rate(self.optimizer, lr)
         t, model = self.config.train, self.model
         indices = microbatch_indices(step, model, self.config, self.sample_offset)
@@ -217,10 +262,29 @@ class Trainer:
         loss = model.global_mean(model.train_step(batches, seeds))
         grad_norm = float(model.clip_grad_norm_(self.config.optim.grad_clip))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Loss and norm are global, so every rank takes the same branch.
+            if self.nan_skips < t.max_nan_skips:
+                self.nan_skips += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                log.warning(
+                    "step %d: loss %s, gradient norm %s; skipped without an update "
+                    "(%d of train.max_nan_skips = %d)",
+                    step + 1,
+                    loss,
+                    grad_norm,
+                    self.nan_skips,
+                    t.max_nan_skips,
+                )
+                return None
             raise NonFiniteLossError(
                 f"step {step + 1}: loss is {loss}, gradient norm {grad_norm}; stopped before "
                 "the update, and nothing from this step was saved. Lower optim.lr, raise "
-                "optim.warmup_steps, or check the data."
+                "optim.warmup_steps, or check the data"
+                + (
+                    f" ({self.nan_skips} earlier steps were skipped, train.max_nan_skips)."
+                    if t.max_nan_skips
+                    else "; train.max_nan_skips lets a few steps be skipped."
+                )
             )
         self.optimizer.step()
         return loss, grad_norm
@@ -291,6 +355,7 @@ class Trainer:
                 "loss_scale": None,
                 "world_size": self.env.world_size,
                 "layout": layout,
+                "nan_skips": self.nan_skips,
             },
         )
 
