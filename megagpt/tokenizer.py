@@ -83,6 +83,12 @@ class Tokenizer:
         Each text is split into lines, which are what sentencepiece samples from; at
         most `max_sentences` of them are kept (uniformly at random) so memory stays
         bounded whatever the iterator yields.
+
+        Text is kept as it is (Llama's settings): no Unicode normalization, repeated
+        spaces kept, digits split one per piece, and characters never seen in training
+        (the newline among them, since training reads lines) encoded as bytes. So
+        decode(encode(text)) == text, and the model converts exactly to a Hugging Face
+        tokenizer.
         """
         model_path = Path(model_path)
         model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +100,10 @@ class Tokenizer:
             model_type=model_type,
             byte_fallback=byte_fallback,
             character_coverage=0.9995,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
             unk_id=UNK_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
