@@ -69,13 +69,62 @@ def _add_config(sub) -> None:
     actions.add_parser("fields", help="every setting with its type, default and meaning")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model or one file")
+    formats = p.add_subparsers(dest="format", required=True)
+    hf = formats.add_parser(
+        "hf", help="a transformers model directory (GPT-2 or Llama), with the tokenizer"
+    )
+    torch_file = formats.add_parser("torch", help="one consolidated state dict (torch.save)")
+    for parser in (hf, torch_file):
+        parser.add_argument(
+            "--checkpoint",
+            required=True,
+            help="checkpoint directory, checkpoints/ root, or run output_dir",
+        )
+        parser.add_argument("--out", required=True, help="directory (hf) or file (torch)")
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="a Hugging Face model as a megagpt checkpoint")
+    formats = p.add_subparsers(dest="format", required=True)
+    hf = formats.add_parser("hf", help="a local transformers GPT-2 or Llama directory")
+    hf.add_argument("--model", required=True, help="the transformers model directory")
+    hf.add_argument(
+        "--out", required=True, help="run directory; the checkpoint goes to <out>/checkpoints"
+    )
+    hf.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}, stored in its config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megagpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_generate, _add_eval, _add_demo, _add_config):
+    for add in (
+        _add_train,
+        _add_generate,
+        _add_eval,
+        _add_demo,
+        _add_config,
+        _add_export,
+        _add_import,
+    ):
         add(sub)
     add_launch_commands(sub)
     return parser
+
+
+def _export(args) -> None:
+    from megagpt.checkpoint.convert import export_hf, export_torch
+
+    written = (export_hf if args.format == "hf" else export_torch)(args.checkpoint, args.out)
+    print(f"wrote {written}")
+
+
+def _import(args) -> None:
+    from megagpt.checkpoint.convert import import_hf
+
+    written = import_hf(args.model, args.out, args.overrides)
+    print(f"wrote {written}; continue training with checkpoint.resume={written}")
 
 
 def _train(args) -> int:
@@ -161,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": _eval,
         "demo": _demo,
         "config": _config,
+        "export": _export,
+        "import": _import,
         "launch": run_launch,
         "sweep-report": run_sweep_report,
     }

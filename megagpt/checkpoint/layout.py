@@ -35,6 +35,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, from a newer megagpt, or does not fit."""
 
 
+def base_metadata(step: int) -> dict[str, Any]:
+    """The fields every checkpoint's metadata.json starts with."""
+    import time
+
+    import torch
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "megagpt_version": megagpt.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
@@ -28,7 +27,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
-import megagpt
 from megagpt.checkpoint import layout
 from megagpt.checkpoint.layout import CheckpointError
 from megagpt.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, read_index
@@ -92,14 +90,7 @@ class Checkpointer:
         started = time.perf_counter()
         state = collect(self.model, self.optimizers)
         writer = FileSystemWriter(partial / layout.STATE_DIR, thread_count=4)
-        info = {
-            "format_version": layout.FORMAT_VERSION,
-            "step": step,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "megagpt_version": megagpt.__version__,
-            "torch_version": torch.__version__,
-            **metadata,
-        }
+        info = {**layout.base_metadata(step), "optimizer_state": True, **metadata}
         if self.config.checkpoint.async_save:
             future = dcp.async_save(state, storage_writer=writer, process_group=self._group)
             blocked = time.perf_counter() - started
@@ -155,7 +146,9 @@ class Checkpointer:
         """Load model and optimizer state (any layout) and return the checkpoint's
         metadata (step, consumed samples, ...)."""
         metadata = layout.read_metadata(directory)
-        load_state(self.model, self.optimizers, directory, self.config.model.tie_embeddings)
+        # An imported checkpoint has weights only: the optimizer starts fresh.
+        optimizers = self.optimizers if metadata.get("optimizer_state", True) else None
+        load_state(self.model, optimizers, directory, self.config.model.tie_embeddings)
         return metadata
 
 
