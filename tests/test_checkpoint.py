@@ -278,3 +278,61 @@ def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(
             load_model_for_inference(directory)
         assert resolve_checkpoint_dir(out) in named
     assert partial_seen >= 1, "no kill landed inside a save; the test proved nothing"
+
+
+def test_a_checkpoint_from_the_middle_of_a_run_resumes_bit_for_bit(tiny_config, tmp_path):
+    """Saves after every step of a run; resuming from the step-3 one repeats steps 4-6
+    exactly. (These writes are too small to race the next update; the test below
+    makes the writer slow enough to lose that race without before_update.)"""
+    whole = train(
+        config_for(
+            tiny_config,
+            tmp_path / "whole",
+            "train.max_steps=6",
+            "checkpoint.interval=1",
+            "checkpoint.keep_last=0",
+        )
+    )
+    middle = tmp_path / "whole" / "checkpoints" / "step_00000003"
+    resumed = train(
+        config_for(
+            tiny_config, tmp_path / "resumed", "train.max_steps=6", f"checkpoint.resume={middle}"
+        )
+    )
+    assert resumed.losses == whole.losses[3:]  # bit for bit
+
+
+def test_an_update_waits_for_the_writer_reading_live_weights(tiny_config, tmp_path):
+    """An in-place update right after a save (as optimizer.step would do) must not leak
+    into the checkpoint: before_update() waits for the writer. ~100 MB of weights make
+    the write far slower than the update, so without the wait the update would win."""
+    from megagpt.checkpoint import Checkpointer
+    from megagpt.model import build_model
+    from megagpt.parallel.env import DistributedEnv
+    from megagpt.parallel.model import ParallelModel
+    from megagpt.training.optimizer import Optimizers, build_optimizer
+
+    config = apply_overrides(
+        tiny_config,
+        [
+            "model.hidden_size=512",
+            "model.n_layers=8",
+            "model.n_heads=8",
+            "checkpoint.async_save=true",
+            f"train.output_dir={tmp_path}",
+        ],
+        "test",
+    )
+    env = DistributedEnv(0, 1, 0, torch.device("cpu"))
+    model = ParallelModel([build_model(config.model, "cpu", seed=0)], config, env)
+    optimizers = Optimizers([build_optimizer(model.parts[0], config.optim)])
+    before = {k: v.clone() for k, v in model.parts[0].state_dict().items()}
+    checkpointer = Checkpointer(config, model, optimizers, tmp_path / "checkpoints", True)
+    checkpointer.save(1, {"consumed_samples": 0})
+    checkpointer.before_update()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)  # the update
+    checkpointer.wait()
+    saved, _ = consolidated_state_dict(tmp_path)
+    assert all(torch.equal(saved[k], before[k]) for k in before)

@@ -1,10 +1,16 @@
 """Saving and resuming during training.
 
-Every rank writes its own shards with torch.distributed.checkpoint (DCP). With
-asynchronous saving, training is blocked only while DCP copies the state to host
-memory; the files are written by a background thread, and the next save (or the end
-of training) waits for the previous one. Global rank 0 publishes a checkpoint (see
+Every rank writes its own shards with torch.distributed.checkpoint (DCP), in a
+background thread when checkpoint.async_save is on; the next save (or the end of
+training) waits for the previous one. Global rank 0 publishes a checkpoint (see
 layout.publish) once DCP reports every rank's shards written.
+
+What training waits for depends on where the state lives. On GPUs, DCP first copies
+it to host memory (fast), and training continues once the copy is made. On CPU that
+copy would be a memcpy of the whole state, as slow as a good disk; instead the writer
+reads the live tensors, which nothing changes until the next optimizer step (forward
+and backward only write gradients), and training waits at that step if the write is
+still running (`before_update`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,6 +47,21 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
 
 
+class _LiveStateStager(AsyncStager):
+    """Hands DCP the live state instead of a copy (see the module docstring)."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class _Pending:
     future: Future | None
@@ -48,6 +70,7 @@ class _Pending:
     metadata: dict[str, Any]
     started: float
     blocked_s: float
+    live: bool  # the writer reads live tensors: wait before they change
 
 
 class Checkpointer:
@@ -92,20 +115,32 @@ class Checkpointer:
         writer = FileSystemWriter(partial / layout.STATE_DIR, thread_count=4)
         info = {**layout.base_metadata(step), "optimizer_state": True, **metadata}
         if self.config.checkpoint.async_save:
-            future = dcp.async_save(state, storage_writer=writer, process_group=self._group)
+            live = self.model.env.device.type == "cpu"
+            stager = _LiveStateStager() if live else None
+            future = dcp.async_save(
+                state, storage_writer=writer, process_group=self._group, async_stager=stager
+            )
             blocked = time.perf_counter() - started
-            self._pending = _Pending(future, step, partial, info, started, blocked)
+            self._pending = _Pending(future, step, partial, info, started, blocked, live)
             log.info(
-                "step %d | checkpoint: training blocked %.2fs while the state was copied "
-                "to host memory; writing in the background",
+                "step %d | checkpoint: training blocked %.2fs %s; writing in the background",
                 step,
                 blocked,
+                "to plan the write" if live else "while the state was copied to host",
             )
         else:
             dcp.save(state, storage_writer=writer, process_group=self._group)
             blocked = time.perf_counter() - started
-            self._pending = _Pending(None, step, partial, info, started, blocked)
+            self._pending = _Pending(None, step, partial, info, started, blocked, False)
             self.wait()
+
+    def before_update(self) -> None:
+        """Call before the optimizer changes the state: a save still reading the live
+        tensors is finished first (and the wait counted as blocking time)."""
+        if self._pending is not None and self._pending.live:
+            started = time.perf_counter()
+            self._pending.future.result()
+            self._pending.blocked_s += time.perf_counter() - started
 
     def wait(self) -> Path | None:
         """Finish the save in flight, if any; return the published directory."""

@@ -286,6 +286,7 @@ class Trainer:
                     else "; train.max_nan_skips lets a few steps be skipped."
                 )
             )
+        self.checkpointer.before_update()  # a save may still be reading the weights
         self.optimizer.step()
         return loss, grad_norm
 
