@@ -31,3 +31,41 @@ def test_bf16_training_on_cuda(tiny_config):
     prompt = torch.zeros(2, 3, dtype=torch.long, device="cuda")
     cached = generate(model, prompt, 20, temperature=0.0)
     assert torch.equal(cached, generate(model, prompt, 20, temperature=0.0, use_cache=False))
+
+
+def test_checkpoint_resume_on_cuda_is_exact(tiny_config, tmp_path):
+    """On GPUs an async save copies the state to host memory first (not the CPU's live
+    writer); resuming from a mid-run checkpoint repeats the later steps exactly."""
+    base = [
+        "train.device=cuda",
+        "train.precision=bf16",
+        "train.eval_interval=0",
+        "optim.decay_steps=6",
+        "logging.peak_tflops=null",
+    ]
+    whole = train(
+        apply_overrides(
+            tiny_config,
+            [
+                *base,
+                "train.max_steps=6",
+                "checkpoint.interval=3",
+                f"train.output_dir={tmp_path}/whole",
+            ],
+            "gpu",
+        )
+    )
+    middle = tmp_path / "whole" / "checkpoints" / "step_00000003"
+    resumed = train(
+        apply_overrides(
+            tiny_config,
+            [
+                *base,
+                "train.max_steps=6",
+                f"checkpoint.resume={middle}",
+                f"train.output_dir={tmp_path}/resumed",
+            ],
+            "gpu",
+        )
+    )
+    assert resumed.losses == whole.losses[3:]
