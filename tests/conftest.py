@@ -14,6 +14,8 @@ from megagpt.demo_corpus import pydoc_topics
 from megagpt.tokenizer import Tokenizer
 
 TEST_VOCAB = 512
+LLAMA_BLOCKS = ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope"]
+"""The overrides that turn the GPT-2-shaped defaults into Llama-shaped blocks."""
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,6 +16,7 @@ from megagpt.config import apply_overrides, load_config
 from megagpt.config.schema import ModelConfig
 from megagpt.data import build_datasets, global_sample_indices
 from megagpt.training.trainer import train
+from tests.conftest import LLAMA_BLOCKS
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402 (needs transformers' deps)
@@ -24,20 +25,13 @@ SHAPES = {
     "gpt2": [],
     "gpt2-untied-separate-qkv": ["model.tie_embeddings=false", "model.fused_qkv=false"],
     "llama-gqa-fused": [
-        "model.norm=rmsnorm",
-        "model.activation=swiglu",
-        "model.position_embedding=rope",
+        *LLAMA_BLOCKS,
         "model.bias=false",
         "model.tie_embeddings=false",
         "model.n_kv_heads=2",
         "model.rope_theta=5000",
     ],
-    "llama-tied-bias": [
-        "model.norm=rmsnorm",
-        "model.activation=swiglu",
-        "model.position_embedding=rope",
-        "model.n_kv_heads=1",
-    ],
+    "llama-tied-bias": [*LLAMA_BLOCKS, "model.n_kv_heads=1"],
 }
 
 

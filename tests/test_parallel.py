@@ -23,14 +23,12 @@ from megagpt.model.flops import parameter_counts
 from megagpt.parallel.dims import ParallelDims
 from megagpt.testing import run_distributed
 from megagpt.training.trainer import train
-from tests.conftest import tiny_overrides
+from tests.conftest import LLAMA_BLOCKS, tiny_overrides
 from tests.parallel_workers import first_step_gradients
 
 GPT2 = []
 LLAMA = [
-    "model.norm=rmsnorm",
-    "model.activation=swiglu",
-    "model.position_embedding=rope",
+    *LLAMA_BLOCKS,
     "model.bias=false",
     "model.tie_embeddings=false",
     "model.n_kv_heads=2",

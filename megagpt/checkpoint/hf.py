@@ -75,57 +75,83 @@ def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfi
     return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
+# ---------------------------------------------------------------- name maps
+def _name_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(megagpt name, transformers name, stored transposed by transformers) for every
+    tensor except the attention's query/key/value projections."""
+    parts = ("weight", "bias") if cfg.bias else ("weight",)
+    if architecture(cfg) == "gpt2":  # Conv1D layers store their weights transposed
+        layer = [
+            ("attn_norm", "ln_1"),
+            ("mlp_norm", "ln_2"),
+            ("attn.out_proj", "attn.c_proj"),
+            ("mlp.up_proj", "mlp.c_fc"),
+            ("mlp.down_proj", "mlp.c_proj"),
+        ]
+        rows = [
+            (f"{ours}.{part}", f"{theirs}.{part}", part == "weight" and "norm" not in ours)
+            for ours, theirs in layer
+            for part in ("weight", "bias")
+        ]
+        top = [
+            ("embed_tokens.weight", "transformer.wte.weight"),
+            ("embed_positions.weight", "transformer.wpe.weight"),
+            ("final_norm.weight", "transformer.ln_f.weight"),
+            ("final_norm.bias", "transformer.ln_f.bias"),
+        ]
+        layer_prefix = "transformer.h"
+    else:
+        rows = [
+            ("attn_norm.weight", "input_layernorm.weight", False),
+            ("mlp_norm.weight", "post_attention_layernorm.weight", False),
+        ]
+        rows += [
+            (f"{ours}.{part}", f"{theirs}.{part}", False)
+            for ours, theirs in (
+                ("attn.out_proj", "self_attn.o_proj"),
+                ("mlp.gate_proj", "mlp.gate_proj"),
+                ("mlp.up_proj", "mlp.up_proj"),
+                ("mlp.down_proj", "mlp.down_proj"),
+            )
+            for part in parts
+        ]
+        top = [
+            ("embed_tokens.weight", "model.embed_tokens.weight"),
+            ("final_norm.weight", "model.norm.weight"),
+        ]
+        layer_prefix = "model.layers"
+    names = [(ours, theirs, False) for ours, theirs in top]
+    names.append(("lm_head.weight", "lm_head.weight", False))
+    for i in range(cfg.n_layers):
+        names += [
+            (f"layers.{i}.{ours}", f"{layer_prefix}.{i}.{theirs}", transposed)
+            for ours, theirs, transposed in rows
+        ]
+    return names
+
+
+def _qkv_name(cfg: ModelConfig, layer: int, name: str, part: str) -> str:
+    if architecture(cfg) == "gpt2":
+        return f"transformer.h.{layer}.attn.c_attn.{part}"
+    return f"model.layers.{layer}.self_attn.{name}_proj.{part}"
+
+
 # ---------------------------------------------------------------- megagpt -> HF
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """megagpt state dict (as GPT.state_dict()) -> transformers state dict."""
-    arch = architecture(cfg)
-    out: dict[str, torch.Tensor] = {}
+    out = {
+        theirs: state[ours].t() if transposed else state[ours]
+        for ours, theirs, transposed in _name_map(cfg)
+    }
     for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        parts = ("weight", "bias") if cfg.bias else ("weight",)
-        qkv = {part: _split_qkv(state, p, cfg, part) for part in parts}
-        if arch == "gpt2":
-            h = f"transformer.h.{i}."
-            out[h + "ln_1.weight"], out[h + "ln_1.bias"] = (
-                state[p + "attn_norm.weight"],
-                state[p + "attn_norm.bias"],
-            )
-            out[h + "ln_2.weight"], out[h + "ln_2.bias"] = (
-                state[p + "mlp_norm.weight"],
-                state[p + "mlp_norm.bias"],
-            )
-            out[h + "attn.c_attn.weight"] = torch.cat(qkv["weight"]).t()
-            out[h + "attn.c_attn.bias"] = torch.cat(qkv["bias"])
-            for ours, theirs in (
-                ("attn.out_proj", "attn.c_proj"),
-                ("mlp.up_proj", "mlp.c_fc"),
-                ("mlp.down_proj", "mlp.c_proj"),
-            ):
-                out[f"{h}{theirs}.weight"] = state[f"{p}{ours}.weight"].t()
-                out[f"{h}{theirs}.bias"] = state[f"{p}{ours}.bias"]
-        else:
-            h = f"model.layers.{i}."
-            out[h + "input_layernorm.weight"] = state[p + "attn_norm.weight"]
-            out[h + "post_attention_layernorm.weight"] = state[p + "mlp_norm.weight"]
-            for part in parts:
-                for name, value in zip("qkv", qkv[part]):
-                    out[f"{h}self_attn.{name}_proj.{part}"] = value
-                for ours, theirs in (
-                    ("attn.out_proj", "self_attn.o_proj"),
-                    ("mlp.gate_proj", "mlp.gate_proj"),
-                    ("mlp.up_proj", "mlp.up_proj"),
-                    ("mlp.down_proj", "mlp.down_proj"),
-                ):
-                    out[f"{h}{theirs}.{part}"] = state[f"{p}{ours}.{part}"]
-    if arch == "gpt2":
-        out["transformer.wte.weight"] = state["embed_tokens.weight"]
-        out["transformer.wpe.weight"] = state["embed_positions.weight"]
-        out["transformer.ln_f.weight"] = state["final_norm.weight"]
-        out["transformer.ln_f.bias"] = state["final_norm.bias"]
-    else:
-        out["model.embed_tokens.weight"] = state["embed_tokens.weight"]
-        out["model.norm.weight"] = state["final_norm.weight"]
-    out["lm_head.weight"] = state["lm_head.weight"]
+        for part in ("weight", "bias") if cfg.bias else ("weight",):
+            q, k, v = _split_qkv(state, f"layers.{i}.", cfg, part)
+            if architecture(cfg) == "gpt2":  # one Conv1D: [queries | keys | values]
+                fused = torch.cat([q, k, v])
+                out[_qkv_name(cfg, i, "c_attn", part)] = fused.t() if part == "weight" else fused
+            else:
+                for name, value in zip("qkv", (q, k, v)):
+                    out[_qkv_name(cfg, i, name, part)] = value
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
@@ -285,51 +311,28 @@ def model_config_from_hf(config) -> ModelConfig:
 
 
 def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """transformers state dict -> megagpt state dict (GPT.state_dict() keys)."""
-    arch = architecture(cfg)
-    state: dict[str, torch.Tensor] = {}
+    """transformers state dict -> megagpt state dict (GPT.state_dict() keys); GPT-2
+    becomes a fused QKV, Llama separate q/k/v projections (as model_config_from_hf)."""
+    if "lm_head.weight" not in hf_state:  # tied: transformers may store it once
+        embed = (
+            "transformer.wte.weight"
+            if architecture(cfg) == "gpt2"
+            else ("model.embed_tokens.weight")
+        )
+        hf_state = {**hf_state, "lm_head.weight": hf_state[embed]}
+    state = {
+        ours: hf_state[theirs].t() if transposed else hf_state[theirs]
+        for ours, theirs, transposed in _name_map(cfg)
+    }
     for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        if arch == "gpt2":
-            h = f"transformer.h.{i}."
-            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                state[f"{p}{ours}.weight"] = hf_state[f"{h}{theirs}.weight"]
-                state[f"{p}{ours}.bias"] = hf_state[f"{h}{theirs}.bias"]
-            weight = hf_state[h + "attn.c_attn.weight"].t()
-            bias = hf_state[h + "attn.c_attn.bias"]
-            state[p + "attn.qkv_proj.weight"] = _fuse_qkv(*weight.chunk(3), cfg)
-            state[p + "attn.qkv_proj.bias"] = _fuse_qkv(*bias.chunk(3), cfg)
-            for ours, theirs in (
-                ("attn.out_proj", "attn.c_proj"),
-                ("mlp.up_proj", "mlp.c_fc"),
-                ("mlp.down_proj", "mlp.c_proj"),
-            ):
-                state[f"{p}{ours}.weight"] = hf_state[f"{h}{theirs}.weight"].t()
-                state[f"{p}{ours}.bias"] = hf_state[f"{h}{theirs}.bias"]
-        else:
-            h = f"model.layers.{i}."
-            state[p + "attn_norm.weight"] = hf_state[h + "input_layernorm.weight"]
-            state[p + "mlp_norm.weight"] = hf_state[h + "post_attention_layernorm.weight"]
-            for part in ("weight", "bias") if cfg.bias else ("weight",):
+        for part in ("weight", "bias") if cfg.bias else ("weight",):
+            if architecture(cfg) == "gpt2":
+                fused = hf_state[_qkv_name(cfg, i, "c_attn", part)]
+                fused = fused.t() if part == "weight" else fused
+                state[f"layers.{i}.attn.qkv_proj.{part}"] = _fuse_qkv(*fused.chunk(3), cfg)
+            else:
                 for name in "qkv":
-                    state[f"{p}attn.{name}_proj.{part}"] = hf_state[
-                        f"{h}self_attn.{name}_proj.{part}"
+                    state[f"layers.{i}.attn.{name}_proj.{part}"] = hf_state[
+                        _qkv_name(cfg, i, name, part)
                     ]
-                for ours, theirs in (
-                    ("attn.out_proj", "self_attn.o_proj"),
-                    ("mlp.gate_proj", "mlp.gate_proj"),
-                    ("mlp.up_proj", "mlp.up_proj"),
-                    ("mlp.down_proj", "mlp.down_proj"),
-                ):
-                    state[f"{p}{ours}.{part}"] = hf_state[f"{h}{theirs}.{part}"]
-    prefix = "transformer." if arch == "gpt2" else "model."
-    embed = "wte" if arch == "gpt2" else "embed_tokens"
-    state["embed_tokens.weight"] = hf_state[f"{prefix}{embed}.weight"]
-    if arch == "gpt2":
-        state["embed_positions.weight"] = hf_state["transformer.wpe.weight"]
-        state["final_norm.weight"] = hf_state["transformer.ln_f.weight"]
-        state["final_norm.bias"] = hf_state["transformer.ln_f.bias"]
-    else:
-        state["final_norm.weight"] = hf_state["model.norm.weight"]
-    state["lm_head.weight"] = hf_state.get("lm_head.weight", state["embed_tokens.weight"])
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
