@@ -29,6 +29,7 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -156,17 +157,37 @@ class Watchdog:
 def dump_stacks_and_exit(reason: str, exit_code: int, stream: TextIO | None = None) -> None:
     """Write `reason` and every thread's Python stack to `stream`, then end the process.
 
+    Every line carries a `[rank N]` prefix and is written whole: all ranks of a hung
+    job tend to fire together into the same job log, and faulthandler's many small
+    writes would otherwise interleave mid-line, leaving stacks no one can attribute.
+
     `os._exit` rather than `sys.exit`: the main thread is blocked (in a collective, an
     I/O call), so nothing that needs it (exception unwinding, atexit, process-group
     teardown) can run.
     """
     stream = stream or sys.stderr
     rank = os.environ.get("RANK", "0")
-    stream.write(
+    header = (
         f"megagpt watchdog: rank {rank} (pid {os.getpid()}): {reason}; "
         f"Python stacks of all threads follow, then exit code {exit_code}\n"
     )
-    stream.flush()
-    faulthandler.dump_traceback(file=stream, all_threads=True)
-    stream.flush()
+    try:
+        report = header + _all_thread_stacks()
+        for line in report.splitlines(True):
+            stream.write(f"[rank {rank}] {line}")
+            stream.flush()  # one write per line: lines under PIPE_BUF never tear
+    except OSError:  # no room for the temporary file: unprefixed, but still the stacks
+        stream.write(header)
+        stream.flush()
+        faulthandler.dump_traceback(file=stream, all_threads=True)
+        stream.flush()
     os._exit(exit_code)
+
+
+def _all_thread_stacks() -> str:
+    # faulthandler writes to a file descriptor only, and is the one dumper that does
+    # not need the blocked main thread's cooperation.
+    with tempfile.TemporaryFile("w+") as dump:
+        faulthandler.dump_traceback(file=dump, all_threads=True)
+        dump.seek(0)
+        return dump.read()
