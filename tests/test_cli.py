@@ -54,29 +54,10 @@ def test_generate_from_a_checkpoint(trained_run):
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("The for statement")
     assert first.stdout == second.stdout  # seeded
-    greedy = megagpt(
-        "generate",
-        "--checkpoint",
-        str(trained_run),
-        "--prompt",
-        "x",
-        "--temperature",
-        "0",
-        "--no-cache",
-        "--max-new-tokens",
-        "5",
-    )
-    cached = megagpt(
-        "generate",
-        "--checkpoint",
-        str(trained_run),
-        "--prompt",
-        "x",
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "5",
-    )
+    greedy_args = ("generate", "--checkpoint", str(trained_run), "--prompt", "x")
+    greedy_args += ("--temperature", "0", "--max-new-tokens", "5")
+    greedy, cached = megagpt(*greedy_args, "--no-cache"), megagpt(*greedy_args)
+    assert greedy.returncode == 0 and greedy.stdout.startswith("x"), greedy.stderr
     assert greedy.stdout == cached.stdout
 
 
