@@ -14,8 +14,10 @@ from megagpt.demo_corpus import pydoc_topics
 from megagpt.tokenizer import Tokenizer
 
 TEST_VOCAB = 512
-LLAMA_BLOCKS = ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope"]
-"""The overrides that turn the GPT-2-shaped defaults into Llama-shaped blocks."""
+LLAMA_SHAPE = dict(norm="rmsnorm", activation="swiglu", position_embedding="rope")
+"""The ModelConfig fields that turn the GPT-2-shaped defaults into Llama-shaped blocks."""
+LLAMA_BLOCKS = [f"model.{key}={value}" for key, value in LLAMA_SHAPE.items()]
+"""The same, as command-line overrides."""
 
 
 def pytest_collection_modifyitems(config, items):

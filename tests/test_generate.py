@@ -4,17 +4,11 @@ import torch
 from megagpt.config.schema import ModelConfig
 from megagpt.generate import filter_logits, generate
 from megagpt.model import build_model
+from tests.conftest import LLAMA_SHAPE
 
 SHAPES = {
     "gpt2": {},
-    "llama-gqa": dict(
-        norm="rmsnorm",
-        activation="swiglu",
-        position_embedding="rope",
-        bias=False,
-        n_kv_heads=2,
-        fused_qkv=False,
-    ),
+    "llama-gqa": dict(**LLAMA_SHAPE, bias=False, n_kv_heads=2, fused_qkv=False),
 }
 
 

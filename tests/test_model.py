@@ -10,17 +10,11 @@ from megagpt.config.schema import ModelConfig
 from megagpt.model import build_model
 from megagpt.model.build import build_meta_model
 from megagpt.model.flops import flops_per_token, matmul_parameters, parameter_counts
+from tests.conftest import LLAMA_SHAPE
 
 VARIANTS = {
     "gpt2": {},
-    "llama": dict(
-        norm="rmsnorm",
-        activation="swiglu",
-        position_embedding="rope",
-        bias=False,
-        tie_embeddings=False,
-        n_kv_heads=2,
-    ),
+    "llama": dict(**LLAMA_SHAPE, bias=False, tie_embeddings=False, n_kv_heads=2),
     "gqa-separate-qkv": dict(n_kv_heads=3, fused_qkv=False),
     "mqa-rope": dict(n_kv_heads=1, position_embedding="rope"),
     "padded-vocab": dict(vocab_size=1000, pad_vocab_size_to_multiple_of=128),
