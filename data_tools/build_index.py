@@ -26,9 +26,9 @@ import numpy as np
 from data_tools.cli import run_tool, setup_logging
 from megagpt.config import load_config
 from megagpt.config.errors import ConfigError
-from megagpt.data.blend import parse_data_path
 from megagpt.data.dataset import SPLITS, BlendedDataset, build_datasets, split_documents
 from megagpt.data.indexed import IndexedDataset, IndexedDatasetError
+from megagpt.data.settings import parse_data_path
 
 CHUNK = 1 << 24
 
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(report(config, args.check_tokens)))
         return 0
 
-    return run_tool("megagpt-build-index", body, (ConfigError, IndexedDatasetError, ValueError))
+    return run_tool("megagpt-build-index", body)
 
 
 if __name__ == "__main__":

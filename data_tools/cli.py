@@ -6,6 +6,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+from megagpt.errors import report_user_errors
+
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
@@ -16,15 +18,11 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def run_tool(
-    name: str, body: Callable[[], int | None], user_errors: tuple[type[BaseException], ...]
-) -> int:
-    """Run a tool's main body; a user error prints one clear line and exits 1."""
+def run_tool(name: str, body: Callable[[], int | None]) -> int:
+    """Run a tool's main body: a user error (MegagptError) prints one clear line and
+    exits 2, as in every megagpt command; Ctrl-C says how to resume and exits 130."""
     try:
-        return body() or 0
-    except user_errors as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
-        return 1
+        return report_user_errors(name, body)
     except KeyboardInterrupt:
         print(f"{name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n--- document {document}: {len(ids):,} tokens ---\n{shown}")
         return 0
 
-    return run_tool("megagpt-inspect", body, (IndexedDatasetError, FileNotFoundError))
+    return run_tool("megagpt-inspect", body)
 
 
 if __name__ == "__main__":

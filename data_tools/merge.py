@@ -21,11 +21,28 @@ from data_tools.cli import run_tool, setup_logging
 from megagpt.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
 
 
+def manifest_prefixes(manifest: Path) -> list[str]:
+    """The shard prefixes a megagpt-preprocess manifest lists, in order."""
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        prefixes = data["data_path"]
+    except OSError as error:
+        raise IndexedDatasetError(f"--manifest {manifest}: {error.strerror}") from None
+    except (ValueError, KeyError, TypeError):  # not JSON, or not a manifest
+        raise IndexedDatasetError(
+            f"--manifest {manifest} is not a megagpt-preprocess manifest (a JSON object "
+            "with a data_path list, as <output-prefix>.manifest.json)"
+        ) from None
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+        raise IndexedDatasetError(f"--manifest {manifest}: data_path must be a list of prefixes")
+    return prefixes
+
+
 def input_prefixes(patterns: Sequence[str], manifest: str | None) -> list[str]:
     """Dataset prefixes from paths/globs (of prefixes, .bin or .idx files) and a manifest."""
     prefixes: list[str] = []
     if manifest:
-        prefixes.extend(json.loads(Path(manifest).read_text(encoding="utf-8"))["data_path"])
+        prefixes.extend(manifest_prefixes(Path(manifest)))
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
@@ -108,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return 0
 
-    return run_tool("megagpt-merge", body, (IndexedDatasetError, ValueError, OSError))
+    return run_tool("megagpt-merge", body)
 
 
 if __name__ == "__main__":

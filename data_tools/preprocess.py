@@ -10,7 +10,6 @@ killed run restarted with the same command skips the shards it finished.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -19,9 +18,7 @@ from pathlib import Path
 from data_tools.cleaning import CleaningOptions
 from data_tools.cli import run_tool, setup_logging
 from data_tools.pipeline import PreprocessOptions, run_preprocess
-from data_tools.shards import BadRecordError
 from data_tools.sources import SUPPORTED, InputError, expand_inputs
-from data_tools.state import StateError
 
 DEFAULTS = CleaningOptions()
 
@@ -152,9 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_summary(summary)
         return 0
 
-    return run_tool(
-        "megagpt-preprocess", body, (InputError, StateError, BadRecordError, json.JSONDecodeError)
-    )
+    return run_tool("megagpt-preprocess", body)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import logging
 import sys
 import time
 
+from megagpt.utils.formatting import format_duration
+
 log = logging.getLogger(__name__)
 
 
@@ -59,16 +61,9 @@ class Progress:
         return (
             f"{self.done / 1e6:,.1f} of {self.total / 1e6:,.1f} MB ({percent:.0f}%), "
             f"{self.documents / elapsed:,.0f} docs/s, {rate / 1e6:.2f} MB/s, "
-            f"ETA {_duration(eta)}"
+            f"ETA {format_duration(eta)}"
         )
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-def _duration(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

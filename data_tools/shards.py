@@ -22,13 +22,14 @@ from data_tools.state import RunState
 from data_tools.stats import Counts
 from data_tools.worker import Result
 from megagpt.data.indexed import IndexedDatasetWriter
+from megagpt.errors import MegagptError
 
 log = logging.getLogger(__name__)
 
 EXAMPLES_PER_REASON = 5
 
 
-class BadRecordError(ValueError):
+class BadRecordError(MegagptError):
     """A bad input record under --strict; the message names file and line."""
 
 

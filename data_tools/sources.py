@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megagpt.errors import MegagptError
+
 log = logging.getLogger(__name__)
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt", ".parquet": "parquet"}
@@ -27,7 +29,7 @@ SUPPORTED = ".jsonl, .jsonl.gz, .jsonl.zst, .parquet, .txt (also .txt.gz, .txt.z
 PARQUET_ROWS = 512
 
 
-class InputError(ValueError):
+class InputError(MegagptError):
     """An input path that does not exist or has a format we cannot read."""
 
 

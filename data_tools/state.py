@@ -18,25 +18,32 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from megagpt.errors import MegagptError
+from megagpt.utils.files import atomic_write
 
-class StateError(ValueError):
+
+class StateError(MegagptError):
     """The output prefix holds a run started with other inputs or settings."""
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """A state file's contents; a damaged one is a StateError that says what to do."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise StateError(
+            f"{path} is not valid JSON (damaged outside megagpt?); pass --overwrite to "
+            "start over"
+        ) from None
 
 
 def file_sha256(path: Path) -> str:
@@ -71,7 +78,7 @@ class RunState:
         if overwrite:
             self.discard()
         if config_path.exists():
-            previous = json.loads(config_path.read_text(encoding="utf-8"))
+            previous = read_json(config_path)
             if previous != config:
                 changed = sorted(
                     k for k in config.keys() | previous.keys() if config.get(k) != previous.get(k)
@@ -107,7 +114,7 @@ class RunState:
             path = self.marker_path(index)
             if not path.exists():
                 return markers
-            markers.append(json.loads(path.read_text(encoding="utf-8")))
+            markers.append(read_json(path))
         return markers
 
     def mark_done(self, index: int, marker: dict) -> None:

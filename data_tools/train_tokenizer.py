@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
 
-    return run_tool("megagpt-train-tokenizer", body, (InputError,))
+    return run_tool("megagpt-train-tokenizer", body)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from megagpt.errors import report_user_errors
 from megagpt.launch.cli import add_launch_commands, run_launch, run_sweep_report
 
 OVERRIDES_HELP = "settings as section.key=value (e.g. optim.lr=3e-4 model.n_layers=4)"
@@ -129,44 +130,36 @@ def _import(args) -> None:
 
 def _train(args) -> int:
     from megagpt.config import load_config
-    from megagpt.training.preemption import REQUEUE_EXIT_CODE
-    from megagpt.training.trainer import train
+    from megagpt.training.trainer import exit_code, train
 
-    result = train(load_config(args.config, args.overrides))
-    return REQUEUE_EXIT_CODE if result.preempted else 0
+    return exit_code(train(load_config(args.config, args.overrides)))
 
 
 def _generate(args) -> None:
-    import torch
-
-    from megagpt.checkpoint import load_model_for_inference
-    from megagpt.generate import generate
+    from megagpt.checkpoint import CheckpointError, load_model_for_inference
+    from megagpt.generate import generate_text
     from megagpt.tokenizer import Tokenizer
 
     model, config, _ = load_model_for_inference(args.checkpoint, args.device)
     if not config.data.tokenizer:
-        raise FileNotFoundError(f"{args.checkpoint} names no tokenizer (data.tokenizer)")
-    tokenizer = Tokenizer(config.data.tokenizer)
-    prompt = tokenizer.encode_prompt(args.prompt)
-    room = config.model.max_seq_len - len(prompt)
-    if room <= 0:
-        raise ValueError(
-            f"the prompt is {len(prompt)} tokens; the model takes {config.model.max_seq_len}"
+        raise CheckpointError(
+            f"{args.checkpoint} names no tokenizer (data.tokenizer) and holds no "
+            "tokenizer.model: generation needs the tokenizer the model was trained with"
         )
-    batch = torch.tensor([prompt] * args.num_samples, device=args.device)
-    ids = generate(
+    texts = generate_text(
         model,
-        batch,
-        min(args.max_new_tokens, room),
+        Tokenizer(config.data.tokenizer),
+        args.prompt,
+        args.max_new_tokens,
         args.temperature,
         args.top_k or None,
         args.top_p,
         args.seed,
-        tokenizer.eod_id,
+        args.num_samples,
         use_cache=not args.no_cache,
     )
-    for row in ids.tolist():
-        print(tokenizer.decode([i for i in row if i != tokenizer.eod_id]))
+    for text in texts:
+        print(text)
         if args.num_samples > 1:
             print("-" * 40)
 
@@ -189,21 +182,18 @@ def _demo(args) -> None:
 def _config(args) -> None:
     from megagpt.config import config_to_yaml, load_config
     from megagpt.config.docs import format_fields
+    from megagpt.data import check_data_config
 
     if args.action == "fields":
         print(format_fields())
-    else:
-        print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+        return
+    config = load_config(args.config, args.overrides)
+    check_data_config(config.data)
+    print(config_to_yaml(config), end="")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megagpt.checkpoint import CheckpointError
-    from megagpt.config import ConfigError
-    from megagpt.data.indexed import IndexedDatasetError
-    from megagpt.launch.slurm import LaunchError
-    from megagpt.training.trainer import NonFiniteLossError
-
     handlers = {
         "train": _train,
         "generate": _generate,
@@ -215,22 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "launch": run_launch,
         "sweep-report": run_sweep_report,
     }
-    try:
-        code = handlers[args.command](args)
-    except ConfigError as error:
-        print(f"megagpt {args.command}: configuration error: {error}", file=sys.stderr)
-        return 2
-    except (
-        CheckpointError,
-        IndexedDatasetError,
-        NonFiniteLossError,
-        LaunchError,
-        FileNotFoundError,
-        ValueError,
-    ) as error:
-        print(f"megagpt {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    return code or 0
+    return report_user_errors(f"megagpt {args.command}", lambda: handlers[args.command](args))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from megagpt.errors import MissingFileError
+from megagpt.utils.files import atomic_write
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
 
@@ -22,7 +25,7 @@ class Tokenizer:
     def __init__(self, model_path: str | Path):
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"tokenizer model {self.path} does not exist; train one with "
                 "Tokenizer.train(...) or megagpt-train-tokenizer, or set data.tokenizer"
             )
@@ -114,9 +117,7 @@ class Tokenizer:
             num_threads=num_threads or os.cpu_count() or 1,
             minloglevel=2,
         )
-        temporary = model_path.with_name(model_path.name + ".tmp")
-        temporary.write_bytes(buffer.getvalue())
-        os.replace(temporary, model_path)  # a half-written model never appears
+        atomic_write(model_path, buffer.getvalue())  # a half-written model never appears
         return cls(model_path)
 
 

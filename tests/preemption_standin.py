@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from megagpt.training.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from megagpt.contract import REQUEUE_EXIT_CODE
+from megagpt.training.preemption import PreemptionHandler
 
 
 def say(message: str) -> None:

@@ -75,9 +75,9 @@ def test_eval_reports_loss_and_perplexity(trained_run):
 
 def test_missing_checkpoint_and_data_are_clear_errors(tmp_path):
     done = megagpt("generate", "--checkpoint", str(tmp_path), "--prompt", "x")
-    assert done.returncode == 1 and "no checkpoint at" in done.stderr
+    assert done.returncode == 2 and "no checkpoint at" in done.stderr
     done = megagpt("train", f"data.path={tmp_path / 'nope'}", f"train.output_dir={tmp_path}")
-    assert done.returncode == 1 and "nope.idx: file not found" in done.stderr
+    assert done.returncode == 2 and "nope.idx: file not found" in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ def test_merge_refuses_mixed_dtypes_naming_them(tmp_path, capsys):
     code = merge.main(
         [str(tmp_path / "a"), str(tmp_path / "b"), "--output-prefix", str(tmp_path / "m")]
     )
-    assert code == 1 and "different token dtypes" in capsys.readouterr().err
+    assert code == 2 and "different token dtypes" in capsys.readouterr().err
     assert not list(tmp_path.glob("m.*"))
 
 
@@ -87,7 +87,7 @@ def test_build_index_reports_splits_and_epochs(dataset_prefix, capsys):
 def test_build_index_fails_clearly_on_bad_data(tmp_path, dataset_prefix, capsys):
     assert (
         build_index.main([f"data.path={dataset_prefix}", "model.vocab_size=100", "--check-tokens"])
-        == 1
+        == 2
     )
     assert "not below model.vocab_size = 100" in capsys.readouterr().err
     prefix = write(tmp_path / "x", [[1, 2, 3], [4, 5], [6]])
@@ -97,7 +97,7 @@ def test_build_index_fails_clearly_on_bad_data(tmp_path, dataset_prefix, capsys)
     open(f"{prefix}.idx", "wb").write(raw)
     with pytest.raises(IndexedDatasetError, match="sequence 1 starts at byte 99"):
         IndexedDataset(prefix).validate()
-    assert build_index.main([f"data.path={prefix}"]) == 1
+    assert build_index.main([f"data.path={prefix}"]) == 2
     assert "pointers must be cumulative" in capsys.readouterr().err
 
 

@@ -14,7 +14,8 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from megagpt.config import ConfigError
 from megagpt.launch.agent import child_pids, failure_exit_code
-from megagpt.launch.environment import collective_timeout_s, launch_environment
+from megagpt.launch.environment import launch_environment
+from megagpt.launch.errors import LaunchError
 from megagpt.launch.rendezvous import (
     HostlistError,
     expand_hostlist,
@@ -23,6 +24,7 @@ from megagpt.launch.rendezvous import (
     task_rank_environment,
 )
 from megagpt.launch.slurm import SlurmJob, fill_template, render_script, time_limit_seconds
+from megagpt.parallel.env import collective_timeout_s
 from tests.conftest import tiny_overrides
 from tests.test_cli import megagpt
 
@@ -72,7 +74,7 @@ def test_rendezvous_from_slurm_variables_uses_the_first_node():
     assert rendezvous.endpoint == f"gpu01:{rendezvous_port(4242)}"
     assert rendezvous.node_rank == 3
     assert slurm_rendezvous(SLURM_JOB, port=29400).endpoint == "gpu01:29400"
-    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST not set"):
+    with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST not set"):
         slurm_rendezvous({"SLURM_JOB_ID": "1"})
 
 
@@ -98,7 +100,7 @@ def test_launch_environment_fills_defaults_and_keeps_what_the_user_set():
     assert collective_timeout_s(env) == 600
     assert launch_environment(8, {}, cpus=4, collective_timeout_s=90)["OMP_NUM_THREADS"] == "1"
     assert collective_timeout_s(launch_environment(1, {}, collective_timeout_s=90)) == 90
-    with pytest.raises(ValueError, match="MEGAGPT_COLLECTIVE_TIMEOUT_S = 'soon'"):
+    with pytest.raises(ConfigError, match="MEGAGPT_COLLECTIVE_TIMEOUT_S = 'soon'"):
         collective_timeout_s({"MEGAGPT_COLLECTIVE_TIMEOUT_S": "soon"})
 
 
@@ -247,7 +249,7 @@ def test_launch_slurm_without_sbatch_says_what_to_do(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 1 and "sbatch not found" in done.stderr
+    assert done.returncode == 2 and "sbatch not found" in done.stderr
 
 
 def test_launch_local_trains_on_two_processes(dataset_prefix, tokenizer, tmp_path):
@@ -260,7 +262,7 @@ def test_launch_local_trains_on_two_processes(dataset_prefix, tokenizer, tmp_pat
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     two_nodes = megagpt("launch", "local", "--nnodes", "2", f"train.output_dir={tmp_path}")
-    assert two_nodes.returncode == 1 and "needs --rdzv-endpoint" in two_nodes.stderr
+    assert two_nodes.returncode == 2 and "needs --rdzv-endpoint" in two_nodes.stderr
     none = megagpt("launch", "local", "--nproc", "0", f"train.output_dir={tmp_path}")
     assert none.returncode == 2 and "--nproc = 0: must be 1 or more" in none.stderr
 

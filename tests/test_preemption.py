@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch.distributed as dist
 
+from megagpt.contract import REQUEUE_EXIT_CODE
 from megagpt.testing import run_distributed
-from megagpt.training.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from megagpt.training.preemption import PreemptionHandler
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
@@ -29,7 +30,8 @@ def test_check_interval_skips_steps_between_checks():
 
 SCRIPT = """
 import os, signal, sys
-from megagpt.training.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from megagpt.contract import REQUEUE_EXIT_CODE
+from megagpt.training.preemption import PreemptionHandler
 preemption = PreemptionHandler().install()
 os.kill(os.getpid(), signal.SIGUSR1)
 assert preemption.should_stop(1)

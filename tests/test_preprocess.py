@@ -149,7 +149,7 @@ def test_strict_stops_at_the_first_bad_record_naming_file_and_line(
     with open(path, "a") as f:
         f.write('{"text": 7}\n')
     code, _ = run(tmp_path, [path], tokenizer, "--strict")
-    assert code == 1
+    assert code == 2
     assert f"{path}:6: wrong_type: 'text' is a int" in capsys.readouterr().err
     assert not (tmp_path / "out/corpus_00000.bin").exists()
 
@@ -180,7 +180,7 @@ def test_progress_lines_when_not_a_terminal(tmp_path, texts, tokenizer, caplog):
 def test_a_changed_command_does_not_resume_someone_elses_run(tmp_path, texts, tokenizer, capsys):
     path = write_jsonl(tmp_path / "p.jsonl", texts[:5])
     assert run(tmp_path, [path], tokenizer)[0] == 0
-    assert run(tmp_path, [path], tokenizer, "--min-chars", "5")[0] == 1
+    assert run(tmp_path, [path], tokenizer, "--min-chars", "5")[0] == 2
     assert "different cleaning" in capsys.readouterr().err
     assert run(tmp_path, [path], tokenizer, "--min-chars", "5", "--overwrite")[0] == 0
 
@@ -191,4 +191,4 @@ def test_a_changed_command_does_not_resume_someone_elses_run(tmp_path, texts, to
 def test_bad_input_paths_are_clear_errors(tmp_path, tokenizer, capsys, pattern, message):
     (tmp_path / "x.csv").write_text("a,b\n")
     code, _ = run(tmp_path, [tmp_path / pattern], tokenizer)
-    assert code == 1 and message in capsys.readouterr().err
+    assert code == 2 and message in capsys.readouterr().err

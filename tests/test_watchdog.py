@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megagpt.training.watchdog import WATCHDOG_EXIT_CODE, Watchdog
+from megagpt.contract import WATCHDOG_EXIT_CODE
+from megagpt.training.watchdog import Watchdog
 
 STUCK = Path(__file__).with_name("stuck_collective.py")
 RUN_AGENT = (

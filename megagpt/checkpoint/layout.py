@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import megagpt
+from megagpt.errors import MegagptError
+from megagpt.utils.files import atomic_write, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ STATE_DIR = "state"
 METADATA = "metadata.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MegagptError):
     """A checkpoint is missing, incomplete, from a newer megagpt, or does not fit."""
 
 
@@ -58,23 +60,6 @@ def partial_dir(root: Path, step: int) -> Path:
     return root / f".{step_dir_name(step)}.partial"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    with open(temporary, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def delete(directory: Path) -> None:
     """Remove a checkpoint so that no half-deleted directory keeps its real name: it is
     first renamed (atomically) to a hidden name, then deleted."""
@@ -85,14 +70,14 @@ def delete(directory: Path) -> None:
 
 def publish(partial: Path, root: Path, step: int, metadata: dict[str, Any]) -> Path:
     """Make a fully written checkpoint visible: metadata, rename, then `latest`."""
-    write_atomically(partial / METADATA, json.dumps(metadata, indent=2) + "\n")
+    atomic_write(partial / METADATA, json.dumps(metadata, indent=2) + "\n")
     fsync_directory(partial)
     final = root / step_dir_name(step)
     if final.exists():  # an earlier run of the same step, now superseded
         delete(final)
     os.replace(partial, final)
     fsync_directory(root)
-    write_atomically(root / LATEST, final.name + "\n")
+    atomic_write(root / LATEST, final.name + "\n")
     return final
 
 
@@ -161,12 +146,12 @@ def read_metadata(directory: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{directory} has checkpoint format {version!r}, written by megagpt "
             f"{metadata.get('megagpt_version')}; this megagpt {megagpt.__version__} reads "
-            f"format {FORMAT_VERSION} and older: upgrade megagpt to load it"
+            f"format {FORMAT_VERSION} only: upgrade megagpt to load it"
         )
     if version < FORMAT_VERSION:
         raise CheckpointError(
-            f"{directory} has checkpoint format {version}, from before "
-            f"sharded checkpoints (format {FORMAT_VERSION}); it cannot be "
-            "read by this megagpt"
+            f"{directory} has checkpoint format {version}, from before sharded "
+            f"checkpoints; this megagpt {megagpt.__version__} reads format {FORMAT_VERSION} "
+            f"only (export it with megagpt {metadata.get('megagpt_version')}, which wrote it)"
         )
     return metadata

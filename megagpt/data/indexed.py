@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megagpt.errors import MegagptError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8
@@ -37,7 +39,7 @@ CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 _CHUNK = 1 << 20  # entries per chunk when assembling the index
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(MegagptError):
     """A .bin/.idx pair is missing, truncated or inconsistent."""
 
 
@@ -67,13 +69,19 @@ class IndexedDatasetWriter:
                 f"{sorted(str(np.dtype(d)) for d in DTYPE_CODES.values())}"
             )
         self.bin_path, self.idx_path = data_file_paths(prefix)
-        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         self._partial_bin = _partial(self.bin_path)
         self._lengths_path = _partial(self.idx_path, ".lengths")
         self._docs_path = _partial(self.idx_path, ".docs")
-        self._bin = open(self._partial_bin, "wb")
-        self._lengths_file = open(self._lengths_path, "wb")
-        self._docs_file = open(self._docs_path, "wb")
+        try:
+            self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+            self._bin = open(self._partial_bin, "wb")
+            self._lengths_file = open(self._lengths_path, "wb")
+            self._docs_file = open(self._docs_path, "wb")
+        except OSError as error:  # read-only, a file where the directory should be, ...
+            raise IndexedDatasetError(
+                f"cannot write the dataset {prefix}: {error.strerror} ({error.filename}); "
+                "choose an output prefix in a writable directory"
+            ) from None
         self._lengths = array("i")
         self._docs = array("q", [0])
         self.sequence_count = 0

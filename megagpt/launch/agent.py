@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
-from megagpt.training.preemption import STOP_SIGNALS
+from megagpt.contract import STOP_SIGNALS
+from megagpt.launch.errors import LaunchError
 
 # torchrun's agent turns SIGTERM into "kill every worker within 30 s" unless told to
 # leave it alone; the workers get SIGTERM from SLURM themselves and need the time.
@@ -34,7 +35,7 @@ def torchrun_arguments(
     (`-m megagpt train ...` or `script.py ...`). No endpoint on one node: the store
     then binds a port the OS picks, so jobs sharing a machine never collide."""
     if nnodes > 1 and not rdzv_endpoint:
-        raise ValueError(
+        raise LaunchError(
             f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every node "
             "(HOST: the first node, PORT: free on it, e.g. 29400)"
         )

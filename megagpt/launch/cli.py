@@ -6,7 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from megagpt.launch.environment import DEFAULT_COLLECTIVE_TIMEOUT_S, resume_by_default
+from megagpt.contract import DEFAULT_COLLECTIVE_TIMEOUT_S
+from megagpt.launch.environment import resume_by_default
 
 OVERRIDES_HELP = "settings as section.key=value, passed to `megagpt train`"
 
@@ -146,8 +147,10 @@ def _slurm_job(args, command: list[str], output_dir: Path, **extra):
 def run_launch(args) -> int:
     """Handle `megagpt launch ...`; returns the exit code."""
     from megagpt.config import load_config
+    from megagpt.data import check_data_config
 
     config = load_config(args.config, args.overrides)  # bad settings fail here, once
+    check_data_config(config.data)
     if args.action == "local":
         return _local(args)
     if args.action == "slurm":

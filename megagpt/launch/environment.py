@@ -9,11 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-COLLECTIVE_TIMEOUT_ENV = "MEGAGPT_COLLECTIVE_TIMEOUT_S"
-"""Seconds a collective may wait before the process group gives up (gloo raises; NCCL
-with TORCH_NCCL_ASYNC_ERROR_HANDLING=3 aborts the process)."""
-
-DEFAULT_COLLECTIVE_TIMEOUT_S = 600
+from megagpt.contract import COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S
 
 
 def launch_environment(
@@ -57,25 +53,3 @@ def resume_by_default(overrides: list[str]) -> list[str]:
     if any(o.startswith("checkpoint.resume=") for o in overrides):
         return list(overrides)
     return [*overrides, "checkpoint.resume=auto"]
-
-
-def collective_timeout_s(environ: Mapping[str, str] | None = None) -> int:
-    """The process-group timeout the launcher chose (MEGAGPT_COLLECTIVE_TIMEOUT_S).
-
-    Raises:
-        ValueError: the variable is set but not a positive whole number of seconds.
-    """
-    env = os.environ if environ is None else environ
-    raw = env.get(COLLECTIVE_TIMEOUT_ENV)
-    if raw is None:
-        return DEFAULT_COLLECTIVE_TIMEOUT_S
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(
-            f"{COLLECTIVE_TIMEOUT_ENV} = {raw!r}: expected a positive number of seconds, "
-            f"e.g. {DEFAULT_COLLECTIVE_TIMEOUT_S}"
-        )
-    return value

@@ -12,6 +12,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from megagpt.launch.errors import LaunchError
+
 PORT_BASE = 15000
 PORT_SPAN = 15000
 """Rendezvous ports lie in [15000, 30000): below Linux's ephemeral range (32768+), so a
@@ -20,7 +22,7 @@ port is never taken by some process's outgoing connection."""
 _GROUP = re.compile(r"\[([^\[\]]*)\]")
 
 
-class HostlistError(ValueError):
+class HostlistError(LaunchError):
     """A SLURM node list that cannot be read."""
 
 
@@ -117,11 +119,11 @@ def slurm_rendezvous(environ: Mapping[str, str], port: int | None = None) -> Slu
     """Read the job id, node list and this node's index from SLURM's variables.
 
     Raises:
-        ValueError: not inside a SLURM job (the variables are missing).
+        LaunchError: not inside a SLURM job (the variables are missing).
     """
     missing = [k for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST") if not environ.get(k)]
     if missing:
-        raise ValueError(
+        raise LaunchError(
             f"{' and '.join(missing)} not set: this runs inside a SLURM job step (srun); "
             "outside SLURM use `megagpt launch local`"
         )

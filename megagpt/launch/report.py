@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from megagpt.errors import MissingFileError
 from megagpt.launch.sweep import MANIFEST, Sweep
 
 
@@ -71,7 +72,7 @@ def collect_results(directory: str | Path) -> list[RunResult]:
     else:
         runs = [(p.parent.name, {}, p.parent) for p in sorted(root.glob("*/metrics.jsonl"))]
     if not runs:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{root}: no {MANIFEST} and no run directories with metrics.jsonl; "
             "give the --output-dir of `megagpt launch sweep`"
         )

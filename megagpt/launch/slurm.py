@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from megagpt.config.errors import ConfigError
-from megagpt.launch.environment import DEFAULT_COLLECTIVE_TIMEOUT_S
-from megagpt.training.preemption import REQUEUE_EXIT_CODE
-from megagpt.training.watchdog import WATCHDOG_EXIT_CODE
+from megagpt.contract import DEFAULT_COLLECTIVE_TIMEOUT_S, REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE
+from megagpt.launch.errors import LaunchError
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +26,6 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch.templa
 _HEADER_VALUE = re.compile(r"^[A-Za-z0-9_.,:=%@/+\-\[\]]+$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
-
-
-class LaunchError(RuntimeError):
-    """sbatch (or another SLURM command) failed, or is not installed here."""
 
 
 @dataclass

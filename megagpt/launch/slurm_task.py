@@ -20,6 +20,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from megagpt.errors import report_user_errors
+
 log = logging.getLogger("megagpt.launch.slurm_task")  # not __name__: run as __main__
 
 
@@ -32,7 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command", nargs="+", help="what each process runs after `python`")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    return report_user_errors("megagpt slurm task", lambda: _run(args))
 
+
+def _run(args: argparse.Namespace) -> int:
     from megagpt.launch.agent import run_agent, torchrun_arguments
     from megagpt.launch.environment import launch_environment
     from megagpt.launch.rendezvous import slurm_rendezvous, task_rank_environment

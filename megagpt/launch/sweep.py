@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megagpt.config import ConfigError, load_config
+from megagpt.data import check_data_config
 from megagpt.launch.environment import resume_by_default
 
 MANIFEST = "sweep.json"
@@ -173,7 +174,7 @@ def plan_sweep(
     sweep = Sweep(str(root), config_path, list(overrides), runs)
     for index, run in enumerate(runs):
         try:
-            load_config(config_path, sweep.run_overrides(index))
+            check_data_config(load_config(config_path, sweep.run_overrides(index)).data)
         except ConfigError as error:
             raise ConfigError(f"sweep point {run.name} {run.point}: {error}") from None
     if not write:

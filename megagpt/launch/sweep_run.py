@@ -2,8 +2,8 @@
 
     python -m megagpt.launch.sweep_run SWEEP_DIR [--index I]
 
-I defaults to SLURM_ARRAY_TASK_ID. The run is `megagpt train` with that point's
-arguments from SWEEP_DIR/sweep.json, so it exits with the same codes.
+I defaults to SLURM_ARRAY_TASK_ID. The run is the trainer with that point's config
+from SWEEP_DIR/sweep.json, and it exits with `megagpt train`'s codes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from megagpt.errors import report_user_errors
 from megagpt.launch.sweep import Sweep
 
 
@@ -28,9 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= int(index) < len(sweep.runs):
         parser.error(f"index {index} is outside the sweep's runs 0-{len(sweep.runs) - 1}")
 
-    from megagpt.cli import main as megagpt_main
+    from megagpt.config import load_config
+    from megagpt.training.trainer import exit_code, train
 
-    return megagpt_main(["train", *sweep.train_arguments(int(index))])
+    def run() -> int:
+        return exit_code(train(load_config(sweep.config, sweep.run_overrides(int(index)))))
+
+    return report_user_errors("megagpt train", run)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from megagpt.config.errors import ConfigError
+from megagpt.contract import COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +33,6 @@ class DistributedEnv:
 def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from megagpt.config.errors import ConfigError
-
             raise ConfigError(
                 "train.device = 'cuda', but torch sees no CUDA device; use train.device=cpu or auto"
             )
@@ -40,22 +42,27 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistributedEnv:
-    """Join the process group that torchrun (RANK/WORLD_SIZE/MASTER_ADDR) describes.
+    """Join the process group that torchrun (RANK/WORLD_SIZE/MASTER_ADDR) describes, or
+    the one the caller already made.
 
-    A single process without those variables runs without a process group.
+    A lone process (no MASTER_ADDR, WORLD_SIZE unset or 1) gets a process group of one
+    rank over an in-memory store (no network), so that one process is a layout of size
+    one and runs the code every other layout runs.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
     owns = False
-    if world_size > 1 and not dist.is_initialized():
+    if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        lone = "MASTER_ADDR" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        if lone:
+            store = dist.HashStore()
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
         owns = True
-    if dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    return DistributedEnv(rank, world_size, local_rank, device, owns)
+    return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
 
 
 def shutdown_distributed(env: DistributedEnv) -> None:
@@ -64,3 +71,26 @@ def shutdown_distributed(env: DistributedEnv) -> None:
     if env.owns_process_group and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def collective_timeout_s(environ: Mapping[str, str] | None = None) -> int:
+    """The process-group timeout the launcher chose (MEGAGPT_COLLECTIVE_TIMEOUT_S), or
+    the default when no launcher set it.
+
+    Raises:
+        ConfigError: the variable is set but not a positive whole number of seconds.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(COLLECTIVE_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(
+            f"{COLLECTIVE_TIMEOUT_ENV} = {raw!r}: expected a positive number of seconds, "
+            f"e.g. {DEFAULT_COLLECTIVE_TIMEOUT_S}"
+        )
+    return value

@@ -22,13 +22,9 @@ import signal
 import threading
 from types import FrameType
 
+from megagpt.contract import STOP_SIGNALS
+
 log = logging.getLogger(__name__)
-
-REQUEUE_EXIT_CODE = 75
-"""Exit code of a run that stopped on request and saved a checkpoint: "resume me".
-75 is EX_TEMPFAIL in sysexits.h. The sbatch template requeues the job on it."""
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionHandler:

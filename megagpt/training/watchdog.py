@@ -16,7 +16,7 @@ caches) the limit is `first_step_timeout_s`. Past it, the watchdog thread writes
 stacks to stderr (the job log) with `faulthandler` and ends the process with
 WATCHDOG_EXIT_CODE, which the sbatch template requeues like a preemption.
 
-The process-group timeout (`MEGAGPT_COLLECTIVE_TIMEOUT_S`, see megagpt.launch.environment)
+The process-group timeout (`MEGAGPT_COLLECTIVE_TIMEOUT_S`, see megagpt.contract)
 is the backstop outside watched steps; keep it longer than the watchdog's limit so that
 inside a step the watchdog fires first and leaves stacks instead of a bare abort.
 """
@@ -36,11 +36,9 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TextIO
 
-log = logging.getLogger(__name__)
+from megagpt.contract import WATCHDOG_EXIT_CODE
 
-WATCHDOG_EXIT_CODE = 76
-"""Exit code of a rank that the watchdog stopped: hung, not finished; the job may be
-requeued to resume from the last checkpoint."""
+log = logging.getLogger(__name__)
 
 
 class Watchdog:
