@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -7,12 +8,14 @@ import pytest
 from megagpt.config import (
     Config,
     ConfigError,
-    config_to_dict,
     load_config,
     save_config,
 )
 from megagpt.config.docs import describe_fields, field_docs
 from megagpt.config.loader import REPO_CONFIG_DIR
+from megagpt.data import check_data_config
+from megagpt.model.build import build_meta_model
+from megagpt.model.flops import parameter_counts
 
 
 def write(tmp_path, text, name="run.yaml"):
@@ -110,11 +113,14 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
     ],
 )
 def test_inconsistent_values(overrides, fragment):
+    def resolve():  # what every command does: load, then check the data settings
+        check_data_config(load_config(None, overrides).data)
+
     if fragment is None:  # "1,2" is valid: train and validation, no test split
-        load_config(None, overrides)
+        resolve()
         return
     with pytest.raises(ConfigError) as error:
-        load_config(None, overrides)
+        resolve()
     assert fragment in str(error.value)
 
 
@@ -151,9 +157,17 @@ def test_every_field_has_a_docstring():
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in REPO_CONFIG_DIR.glob("*.yaml")))
-def test_presets_load(preset):
-    config = load_config(preset)
-    assert config_to_dict(config)["model"]["n_layers"] >= 1
+def test_presets_are_the_size_their_name_says(preset):
+    config = load_config(preset)  # loads and validates
+    counted = parameter_counts(config.model)["total"]
+    # the model as built holds exactly the parameters the FLOP counter counts
+    assert sum(p.numel() for p in build_meta_model(config.model).parameters()) == counted
+    size = re.search(r"-(\d+(?:\.\d+)?)([mb])$", preset)
+    if size is None:
+        assert preset == "tiny"  # the demo's model, named for what it is
+        return
+    named = float(size.group(1)) * {"m": 1e6, "b": 1e9}[size.group(2)]
+    assert counted == pytest.approx(named, rel=0.05), f"{preset}: {counted:,} parameters"
 
 
 def test_config_cli_prints_fields_and_resolved_values():
@@ -188,3 +202,9 @@ def test_config_cli_prints_fields_and_resolved_values():
     )
     assert bad.returncode == 2
     assert "model.n_heads = 5: must divide model.hidden_size (192)" in bad.stderr
+    split = subprocess.run(
+        [sys.executable, "-m", "megagpt", "config", "show", "data.split=abc"],
+        capture_output=True,
+        text=True,
+    )
+    assert split.returncode == 2 and "data.split = 'abc'" in split.stderr

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-from megagpt.checkpoint import CheckpointError, consolidated_state_dict, load_model_for_inference
+from megagpt.checkpoint import consolidated_state_dict, load_model_for_inference
 from megagpt.checkpoint.convert import export_hf, export_torch, import_hf
-from megagpt.checkpoint.hf import architecture
-from megagpt.config import apply_overrides, load_config
+from megagpt.config import ConfigError, apply_overrides, load_config
 from megagpt.config.schema import ModelConfig
 from megagpt.data import build_datasets, global_sample_indices
+from megagpt.model.hf import architecture
 from megagpt.training.trainer import train
 from tests.conftest import LLAMA_BLOCKS
 
@@ -164,7 +164,7 @@ def test_torch_export_loads_with_weights_only(tiny_config, tmp_path):
 
 
 def test_architectures_without_a_transformers_twin_are_refused():
-    with pytest.raises(CheckpointError, match="no Hugging Face architecture matches"):
+    with pytest.raises(ConfigError, match="no Hugging Face architecture matches"):
         architecture(ModelConfig(norm="rmsnorm"))
-    with pytest.raises(CheckpointError, match="GPT-2 exports need model.bias=true"):
+    with pytest.raises(ConfigError, match="GPT-2 exports need model.bias=true"):
         architecture(ModelConfig(bias=False))

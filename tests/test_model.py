@@ -66,6 +66,46 @@ def test_gpt2_124m_has_the_published_parameter_count():
     assert parameter_counts(cfg)["total"] == 124_439_808
 
 
+# Brown et al. 2020 ("Language Models are Few-Shot Learners"), table 2.1: parameters,
+# layers, d_model, heads, d_head, batch size in tokens, learning rate; context 2048.
+GPT3_TABLE = {
+    "gpt3-1.3b": (1.3e9, 24, 2048, 24, 128, 1e6, 2.0e-4),
+    "gpt3-2.7b": (2.7e9, 32, 2560, 32, 80, 1e6, 1.6e-4),
+    "gpt3-6.7b": (6.7e9, 32, 4096, 32, 128, 2e6, 1.2e-4),
+    "gpt3-13b": (13.0e9, 40, 5140, 40, 128, 2e6, 1.0e-4),
+    "gpt3-175b": (175.0e9, 96, 12288, 96, 128, 3.2e6, 0.6e-4),
+}
+# Where the table contradicts itself, the presets keep d_head and derive the rest
+# (as Megatron's and EleutherAI's GPT-3 configs do); each preset's header says so.
+GPT3_TABLE_TYPOS = {
+    "gpt3-1.3b": {"n_heads": 16},  # 24 heads of 128 would be 3072 wide, not 2048
+    "gpt3-13b": {"hidden_size": 5120},  # 40 heads of 128 are 5120, not 5140
+}
+
+
+@pytest.mark.parametrize("preset", GPT3_TABLE)
+def test_gpt3_presets_follow_table_2_1_of_the_paper(preset):
+    params, layers, d_model, heads, d_head, batch_tokens, lr = GPT3_TABLE[preset]
+    config = load_config(preset)
+    cfg = config.model
+    expected = {"n_layers": layers, "hidden_size": d_model, "n_heads": heads}
+    expected.update(GPT3_TABLE_TYPOS.get(preset, {}))
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert cfg.head_dim == d_head
+    assert cfg.max_seq_len == config.data.seq_len == 2048
+    assert config.optim.lr == pytest.approx(lr)
+    # The paper rounds batch sizes to one or two digits (1M for 512 x 2048 = 1,048,576).
+    tokens = config.train.global_batch_size * config.data.seq_len
+    assert tokens == pytest.approx(batch_tokens, rel=0.05)
+    # The closed form for a GPT with tied embeddings and learned positions (Narayanan
+    # et al. 2021): 12 L d^2 + 13 L d + (V + s) d + 2 d, V the padded vocabulary.
+    L, d, V, s = cfg.n_layers, cfg.hidden_size, cfg.padded_vocab_size, cfg.max_seq_len
+    assert parameter_counts(cfg)["total"] == 12 * L * d * d + 13 * L * d + (V + s) * d + 2 * d
+    # The paper prints two significant digits (2.7B for the 2.65B its own shape has),
+    # so its counts are matched to within their rounding, 2%.
+    assert parameter_counts(cfg)["total"] == pytest.approx(params, rel=0.02)
+
+
 @pytest.mark.parametrize(
     "preset, hf_name",
     [("gpt2-124m", None), ("gpt2-350m", "medium"), ("gpt2-774m", "large"), ("gpt2-1.5b", "xl")],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -11,9 +12,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
-from megagpt.checkpoint import hf, layout
+from megagpt.checkpoint import layout
 from megagpt.checkpoint.inference import consolidated_state_dict
-from megagpt.config import Config, DataConfig, apply_overrides, save_config
+from megagpt.checkpoint.layout import CheckpointError
+from megagpt.config import Config, DataConfig, ModelConfig, apply_overrides, save_config
+from megagpt.model import hf
+from megagpt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +27,60 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     directory = layout.resolve_checkpoint_dir(checkpoint)
     state, config = consolidated_state_dict(directory)
     tokenizer = directory / "tokenizer.model"
-    return hf.save_hf(state, config.model, Path(out), tokenizer if tokenizer.is_file() else None)
+    return save_hf(state, config.model, Path(out), tokenizer if tokenizer.is_file() else None)
+
+
+def save_hf(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, tokenizer_model: Path | None = None
+) -> Path:
+    """Write a transformers model directory (config.json, model.safetensors, tokenizer)."""
+    import transformers
+
+    special = None
+    if tokenizer_model is not None:
+        tok = Tokenizer(tokenizer_model)
+        special = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    config = hf.hf_config(cfg, special)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf_state = hf.to_hf(state, cfg)
+    missing, unexpected = model.load_state_dict(hf_state, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"export mapping is incomplete: missing {missing}, unexpected {unexpected}"
+        )
+    if cfg.tie_embeddings:
+        model.tie_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer_model is not None:
+        _save_tokenizer(tokenizer_model, out)
+    return out
+
+
+def _save_tokenizer(tokenizer_model: Path, out: Path) -> None:
+    """The sentencepiece model with a config transformers' LlamaTokenizer reads (it
+    converts it to a fast tokenizer: the same ids, except for text that starts with
+    spaces, where sentencepiece's dummy prefix is handled differently)."""
+    shutil.copyfile(tokenizer_model, out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "legacy": False,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "model_max_length": 1_000_000,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def export_torch(checkpoint: str | Path, out: str | Path) -> Path:

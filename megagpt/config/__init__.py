@@ -19,7 +19,7 @@ from megagpt.config.schema import (
     ParallelConfig,
     TrainConfig,
 )
-from megagpt.config.validate import validate_config
+from megagpt.config.validate import validate_config, validate_world_size
 
 __all__ = [
     "CheckpointConfig",
@@ -38,4 +38,5 @@ __all__ = [
     "load_config",
     "save_config",
     "validate_config",
+    "validate_world_size",
 ]

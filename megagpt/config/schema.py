@@ -74,6 +74,34 @@ class ModelConfig:
     """Standard deviation of the normal initialization. Output projections of every
     block use init_std / sqrt(2 x n_layers), as GPT-2 and Megatron do."""
 
+    # Sizes derived from the fields above, computed here once for every consumer (the
+    # model, validation, generation, Hugging Face conversion, the FLOP counter).
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: hidden_size / n_heads."""
+        return self.hidden_size // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when that is None."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the output layer: vocab_size rounded up to a
+        multiple of pad_vocab_size_to_multiple_of."""
+        multiple = self.pad_vocab_size_to_multiple_of
+        return -(-self.vocab_size // multiple) * multiple
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden width of the MLP: ffn_hidden_size, or the default for the activation."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":  # 2/3 of 4C keeps the parameter count of a GELU MLP
+            return 64 * -(-8 * self.hidden_size // (3 * 64))
+        return 4 * self.hidden_size
+
 
 @dataclass
 class ParallelConfig:

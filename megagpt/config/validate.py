@@ -1,9 +1,23 @@
-"""Checks that a Config's values fit together, with errors that say what would work."""
+"""Checks that a Config's values fit together, with errors that say what would work.
+
+`validate_config` runs one check per section, then the layout checks that need no
+world size; `validate_world_size` adds those that do, once the number of processes is
+known. The syntax of data.path and data.split belongs to the data layer
+(`megagpt.data.check_data_config`), which reads them.
+"""
 
 from __future__ import annotations
 
 from megagpt.config.errors import ConfigError
-from megagpt.config.schema import Config
+from megagpt.config.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 
 def _check(ok: bool, key: str, value: object, requirement: str) -> None:
@@ -17,6 +31,14 @@ def _positive(section: object, prefix: str, *names: str) -> None:
         _check(value >= 1, f"{prefix}.{name}", value, "must be at least 1")
 
 
+def _at_least_zero(section: object, prefix: str, **meanings: str) -> None:
+    """Each named field must be >= 0; the keyword's value says what 0 means."""
+    for name, zero_means in meanings.items():
+        value = getattr(section, name)
+        note = f" ({zero_means})" if zero_means else ""
+        _check(value >= 0, f"{prefix}.{name}", value, f"must be >= 0{note}")
+
+
 def _divisors_near(n: int, target: int, count: int = 4) -> str:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     divisors.sort(key=lambda d: (abs(d - target), d))
@@ -24,9 +46,17 @@ def _divisors_near(n: int, target: int, count: int = 4) -> str:
 
 
 def validate_config(config: Config) -> None:
-    """Raise ConfigError for the first inconsistent value; layout checks that need the
-    world size live in `validate_world_size`."""
-    m, d, o, t = config.model, config.data, config.optim, config.train
+    """Raise ConfigError for the first inconsistent value."""
+    validate_model(config.model)
+    validate_data(config.data, config.model)
+    validate_optim(config.optim)
+    validate_train(config.train)
+    validate_checkpoint(config.checkpoint)
+    validate_logging(config.logging)
+    validate_parallel(config)
+
+
+def validate_model(m: ModelConfig) -> None:
     _positive(m, "model", "vocab_size", "pad_vocab_size_to_multiple_of", "max_seq_len")
     _positive(m, "model", "n_layers", "hidden_size", "n_heads")
     _check(
@@ -45,12 +75,11 @@ def validate_config(config: Config) -> None:
             f"values that do: {_divisors_near(m.n_heads, m.n_kv_heads)}",
         )
     if m.position_embedding == "rope":
-        head_dim = m.hidden_size // m.n_heads
         _check(
-            head_dim % 2 == 0,
+            m.head_dim % 2 == 0,
             "model.position_embedding",
             "rope",
-            f"needs an even head size, but hidden_size/n_heads = {head_dim}",
+            f"needs an even head size, but hidden_size/n_heads = {m.head_dim}",
         )
     if m.ffn_hidden_size is not None:
         _check(m.ffn_hidden_size >= 1, "model.ffn_hidden_size", m.ffn_hidden_size, "must be >= 1")
@@ -60,6 +89,8 @@ def validate_config(config: Config) -> None:
     _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive")
     _check(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
 
+
+def validate_data(d: DataConfig, m: ModelConfig) -> None:
     _positive(d, "data", "seq_len")
     _check(
         d.seq_len <= m.max_seq_len,
@@ -67,20 +98,16 @@ def validate_config(config: Config) -> None:
         d.seq_len,
         f"must not exceed model.max_seq_len ({m.max_seq_len})",
     )
-    parse_split(d.split)
-    from megagpt.data.blend import parse_data_path  # data does not import config
 
-    parse_data_path(d.path)
 
+def validate_optim(o: OptimConfig) -> None:
     _check(o.lr > 0, "optim.lr", o.lr, "must be positive")
     _check(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _at_least_zero(o, "optim", weight_decay="", grad_clip="0 disables", warmup_steps="")
     for name in ("beta1", "beta2"):
         value = getattr(o, name)
         _check(0 <= value < 1, f"optim.{name}", value, "must be in [0, 1)")
     _check(o.eps > 0, "optim.eps", o.eps, "must be positive")
-    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables)")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     if o.decay_steps is not None:
         _check(o.decay_steps >= 1, "optim.decay_steps", o.decay_steps, "must be >= 1 or null")
     _check(
@@ -90,6 +117,8 @@ def validate_config(config: Config) -> None:
         "must be in (0, 1]",
     )
 
+
+def validate_train(t: TrainConfig) -> None:
     _positive(t, "train", "max_steps", "global_batch_size", "micro_batch_size", "eval_iters")
     _check(
         t.global_batch_size % t.micro_batch_size == 0,
@@ -97,13 +126,8 @@ def validate_config(config: Config) -> None:
         t.global_batch_size,
         f"must be a multiple of train.micro_batch_size ({t.micro_batch_size})",
     )
-    _check(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
-    _check(t.max_nan_skips >= 0, "train.max_nan_skips", t.max_nan_skips, "must be >= 0")
-    _check(
-        t.watchdog_multiple >= 0,
-        "train.watchdog_multiple",
-        t.watchdog_multiple,
-        "must be >= 0 (0 disables the watchdog)",
+    _at_least_zero(
+        t, "train", eval_interval="", max_nan_skips="", watchdog_multiple="0 disables the watchdog"
     )
     _check(
         t.watchdog_min_timeout_s > 0,
@@ -118,41 +142,32 @@ def validate_config(config: Config) -> None:
         timeout,
         "must be a positive number of seconds, or null",
     )
-    _check(
-        config.checkpoint.interval >= 0,
-        "checkpoint.interval",
-        config.checkpoint.interval,
-        "must be >= 0 (0 saves only at the end)",
+
+
+def validate_checkpoint(c: CheckpointConfig) -> None:
+    _at_least_zero(
+        c,
+        "checkpoint",
+        interval="0 saves only at the end",
+        keep_last="0 keeps all",
+        keep_every="0 keeps no extra checkpoints",
     )
     _check(
-        config.checkpoint.keep_last >= 0,
-        "checkpoint.keep_last",
-        config.checkpoint.keep_last,
-        "must be >= 0 (0 keeps all)",
-    )
-    _check(
-        config.checkpoint.keep_every >= 0,
-        "checkpoint.keep_every",
-        config.checkpoint.keep_every,
-        "must be >= 0 (0 keeps no extra checkpoints)",
-    )
-    resume = config.checkpoint.resume
-    _check(
-        bool(resume.strip()),
+        bool(c.resume.strip()),
         "checkpoint.resume",
-        resume,
+        c.resume,
         "must be none, auto, or the path of a checkpoint directory",
     )
-    _positive(config.logging, "logging", "log_interval")
-    peak = config.logging.peak_tflops
+
+
+def validate_logging(log: LoggingConfig) -> None:
+    _positive(log, "logging", "log_interval")
+    peak = log.peak_tflops
     _check(peak is None or peak > 0, "logging.peak_tflops", peak, "must be positive or null")
-    _validate_parallel(config)
 
 
-def _validate_parallel(config: Config) -> None:
-    """Layout checks that need no world size (see ParallelDims.from_config for those)."""
-    from megagpt.model.gpt import ffn_hidden_size, padded_vocab_size
-
+def validate_parallel(config: Config) -> None:
+    """Layout checks that need no world size (see validate_world_size for those)."""
     p, m = config.parallel, config.model
     _positive(p, "parallel", "tensor_parallel_size", "pipeline_parallel_size", "virtual_stages")
     dp = p.data_parallel_size
@@ -164,12 +179,10 @@ def _validate_parallel(config: Config) -> None:
         "must be 0 (plain data parallel), 1, 2 or 3",
     )
     tp = p.tensor_parallel_size
-    kv_heads = m.n_kv_heads or m.n_heads
-    vocab = padded_vocab_size(m)
     for count, what in (
         (m.n_heads, f"model.n_heads ({m.n_heads})"),
-        (kv_heads, f"the key/value heads ({kv_heads})"),
-        (ffn_hidden_size(m), f"the MLP width ({ffn_hidden_size(m)})"),
+        (m.kv_heads, f"the key/value heads ({m.kv_heads})"),
+        (m.mlp_width, f"the MLP width ({m.mlp_width})"),
     ):
         _check(
             count % tp == 0,
@@ -178,11 +191,12 @@ def _validate_parallel(config: Config) -> None:
             f"must divide {what}; sizes that do: {_divisors_near(count, tp)}",
         )
     _check(
-        vocab % tp == 0,
+        m.padded_vocab_size % tp == 0,
         "parallel.tensor_parallel_size",
         tp,
-        f"must divide the vocabulary ({vocab}); set model.pad_vocab_size_to_multiple_of "
-        f"to a multiple of {tp} (e.g. {128 * tp}, which is also fast on GPUs)",
+        f"must divide the vocabulary ({m.padded_vocab_size}); set "
+        f"model.pad_vocab_size_to_multiple_of to a multiple of {tp} (e.g. {128 * tp}, "
+        "which is also fast on GPUs)",
     )
     if p.sequence_parallel:
         _check(
@@ -221,19 +235,53 @@ def _validate_parallel(config: Config) -> None:
         )
 
 
-def parse_split(split: str) -> tuple[float, float, float]:
-    """Parse "969,30,1" into normalized train/validation/test fractions."""
-    parts = [p.strip() for p in split.replace("/", ",").split(",")]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) == 2:
-        values.append(0.0)
-    if len(values) != 3 or min(values) < 0 or values[0] <= 0:
+def validate_world_size(config: Config, world_size: int) -> int:
+    """The data-parallel size for `world_size` processes, or a ConfigError saying what
+    would work (the layout checks that need the number of processes)."""
+    p, t = config.parallel, config.train
+    tp, pp = p.tensor_parallel_size, p.pipeline_parallel_size
+    model_ranks = tp * pp
+    if world_size % model_ranks:
         raise ConfigError(
-            f"data.split = {split!r}: expected three non-negative weights for train, "
-            "validation and test with a positive train weight, e.g. '969,30,1'"
+            f"parallel.tensor_parallel_size x parallel.pipeline_parallel_size = {tp} x {pp}"
+            f" = {model_ranks} does not divide the number of processes ({world_size}); "
+            f"choose sizes whose product divides {world_size}"
         )
-    total = sum(values)
-    return values[0] / total, values[1] / total, values[2] / total
+    dp = world_size // model_ranks
+    if p.data_parallel_size is not None and p.data_parallel_size != dp:
+        raise ConfigError(
+            f"parallel.data_parallel_size = {p.data_parallel_size}: {world_size} processes "
+            f"/ (tensor {tp} x pipeline {pp}) leave {dp}; set it to {dp} or leave it null"
+        )
+    per_pass = t.micro_batch_size * dp
+    if t.global_batch_size % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size = {t.global_batch_size}: must be a multiple of "
+            f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp} = "
+            f"{per_pass})"
+        )
+    _check_pipeline_microbatches(p.pipeline_schedule, pp, t.global_batch_size // per_pass, per_pass)
+    return dp
+
+
+def _check_pipeline_microbatches(schedule: str, pp: int, microbatches: int, per_pass: int) -> None:
+    """Pipeline microbatches are the gradient-accumulation passes of one step."""
+    if pp == 1:
+        return
+    hint = (
+        f"raise train.global_batch_size or lower train.micro_batch_size (each "
+        f"microbatch is train.micro_batch_size x data-parallel size = {per_pass} sequences)"
+    )
+    if schedule == "1f1b" and microbatches < pp:
+        raise ConfigError(
+            f"parallel.pipeline_schedule = '1f1b' needs at least as many microbatches as "
+            f"pipeline stages ({pp}), but a step has {microbatches}; {hint}"
+        )
+    if schedule in ("interleaved_1f1b", "zero_bubble"):
+        rounds = max(1, microbatches // pp)
+        if microbatches % rounds:
+            raise ConfigError(
+                f"parallel.pipeline_schedule = {schedule!r} needs the number of microbatches "
+                f"({microbatches}) to be a multiple of microbatches // pipeline_parallel_size "
+                f"({rounds}); use a multiple of {pp}: {hint}"
+            )

@@ -13,6 +13,7 @@ from megagpt.data.indexed import (
     IndexedDatasetWriter,
     token_dtype,
 )
+from megagpt.data.settings import check_data_config, parse_data_path, parse_split
 
 __all__ = [
     "BlendedDataset",
@@ -22,6 +23,9 @@ __all__ = [
     "IndexedDatasetWriter",
     "SplitDatasets",
     "build_datasets",
+    "check_data_config",
     "global_sample_indices",
+    "parse_data_path",
+    "parse_split",
     "token_dtype",
 ]

@@ -8,40 +8,9 @@ search, so a blend needs no index arrays and starts instantly at any size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
-
-from megagpt.config.errors import ConfigError
-
-
-def parse_data_path(path: Sequence[str]) -> list[tuple[float | None, str]]:
-    """Parse ["0.3", "a", "0.7", "b"] or ["a", "b"] into (weight, prefix) pairs.
-
-    Unweighted prefixes get weight None (the caller weighs them by size).
-    """
-    items = [p for item in path for p in str(item).split()]
-
-    def is_number(text: str) -> bool:
-        try:
-            float(text)
-        except ValueError:
-            return False
-        return True
-
-    if not any(is_number(p) for p in items):
-        return [(None, p) for p in items]
-    if len(items) % 2 or not all(is_number(w) for w in items[::2]):
-        raise ConfigError(
-            f"data.path = {' '.join(items)!r}: write either prefixes alone or "
-            "weight/prefix pairs such as '0.3 corpusA 0.7 corpusB'"
-        )
-    pairs = [(float(w), p) for w, p in zip(items[::2], items[1::2])]
-    for weight, prefix in pairs:
-        if not (math.isfinite(weight) and weight > 0):
-            raise ConfigError(f"data.path: weight {weight} of {prefix!r} must be positive")
-    return pairs
 
 
 class BlendSchedule:

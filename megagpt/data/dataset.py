@@ -16,10 +16,11 @@ import numpy as np
 
 from megagpt.config.errors import ConfigError
 from megagpt.config.schema import DataConfig
-from megagpt.config.validate import parse_split
-from megagpt.data.blend import BlendSchedule, parse_data_path
+from megagpt.data.blend import BlendSchedule
 from megagpt.data.indexed import IndexedDataset
-from megagpt.data.permutation import derive_key, permute
+from megagpt.data.permutation import permute
+from megagpt.data.settings import parse_data_path, parse_split
+from megagpt.utils.seeds import derive_key
 
 SPLITS = ("train", "valid", "test")
 

@@ -12,25 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from megagpt.utils.seeds import derive_key, mix64
+
 _ROUNDS = 8  # 8 rounds: correlation statistics indistinguishable from a random shuffle
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: a fast, well-distributed 64-bit hash (wrapping math)."""
-    x = np.asarray(x, dtype=np.uint64)
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-def derive_key(*parts: int) -> int:
-    """Combine integers (seed, epoch, ...) into one 64-bit key, stably across runs."""
-    key = np.uint64(0x9E3779B97F4A7C15)
-    with np.errstate(over="ignore"):
-        for part in parts:
-            key = mix64(np.uint64(key) ^ np.uint64(part & 0xFFFFFFFFFFFFFFFF))
-    return int(key)
 
 
 def permute(indices: np.ndarray, n: int, key: int) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""Construct a GPT: on the meta device first (no memory), then materialized."""
+"""Construct a whole GPT in one process: on the meta device first, then materialized.
+
+Training builds its (possibly sharded) model through megagpt.parallel.parallelize,
+which starts from `build_meta_model` too; this is the constructor of a plain model for
+inference, conversion and tests.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,20 @@ from megagpt.config.schema import ModelConfig
 from megagpt.model.gpt import GPT
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> GPT:
-    """Build and initialize a GPT on `device`.
-
-    Construction happens on `meta`, so a model larger than host memory can be sharded
-    (by the caller, between `build_meta_model` and `materialize`) before any weight
-    exists. The weights depend only on `seed` (see GPT.initial_value).
-    """
-    return materialize(build_meta_model(cfg), device, seed)
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> GPT:
+    """A GPT on `device`, initialized from `seed` (see GPT.initial_value), or with
+    uninitialized weights when `seed` is None, for loading a checkpoint into."""
+    model = build_meta_model(cfg)
+    model.to_empty(device=device)
+    model.tie_weights()
+    if seed is None:
+        model.reset_buffers()
+    else:
+        model.init_weights(seed)
+    return model
 
 
 def build_meta_model(cfg: ModelConfig) -> GPT:
+    """The model's structure without storage: nothing is allocated."""
     with torch.device("meta"):
         return GPT(cfg)
-
-
-def materialize(model: GPT, device: torch.device | str, seed: int = 0) -> GPT:
-    """Allocate the meta model's storage on `device` and initialize it."""
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.init_weights(seed)
-    return model

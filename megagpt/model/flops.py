@@ -9,16 +9,14 @@ work in practice; the convention, shared by Megatron and nanoGPT, counts it whol
 from __future__ import annotations
 
 from megagpt.config.schema import ModelConfig
-from megagpt.model.gpt import ffn_hidden_size, padded_vocab_size
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters by part, computed from the shape alone (no model is built)."""
     c, layers = cfg.hidden_size, cfg.n_layers
-    head_dim = c // cfg.n_heads
-    kv = (cfg.n_kv_heads or cfg.n_heads) * head_dim
-    ffn = ffn_hidden_size(cfg)
-    vocab = padded_vocab_size(cfg)
+    kv = cfg.kv_heads * cfg.head_dim
+    ffn = cfg.mlp_width
+    vocab = cfg.padded_vocab_size
     bias = 1 if cfg.bias else 0
     norm = c * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     attention = c * (c + 2 * kv) + bias * (c + 2 * kv) + c * c + bias * c
@@ -38,7 +36,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
 def matmul_parameters(cfg: ModelConfig) -> int:
     """Parameters used in matrix multiplies: the blocks' weights and the output layer."""
     counts = parameter_counts(cfg)
-    return counts["blocks"] + padded_vocab_size(cfg) * cfg.hidden_size
+    return counts["blocks"] + cfg.padded_vocab_size * cfg.hidden_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

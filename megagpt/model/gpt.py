@@ -22,19 +22,7 @@ from torch import nn
 
 from megagpt.config.schema import ModelConfig
 from megagpt.model.kv_cache import KVCache
-
-
-def padded_vocab_size(cfg: ModelConfig) -> int:
-    multiple = cfg.pad_vocab_size_to_multiple_of
-    return math.ceil(cfg.vocab_size / multiple) * multiple
-
-
-def ffn_hidden_size(cfg: ModelConfig) -> int:
-    if cfg.ffn_hidden_size is not None:
-        return cfg.ffn_hidden_size
-    if cfg.activation == "swiglu":  # 2/3 of 4C keeps the parameter count of a GELU MLP
-        return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
-    return 4 * cfg.hidden_size
+from megagpt.utils.seeds import derive_key
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -50,9 +38,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 def build_norm(cfg: ModelConfig) -> nn.Module:
@@ -81,8 +66,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
-        self.head_dim = cfg.hidden_size // cfg.n_heads
-        n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.head_dim
+        n_kv_heads = cfg.kv_heads
         self.q_per_kv = cfg.n_heads // n_kv_heads
         self.dropout = cfg.attention_dropout
         d, c = self.head_dim, cfg.hidden_size
@@ -144,7 +129,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = ffn_hidden_size(cfg)
+        hidden = cfg.mlp_width
         self.swiglu = cfg.activation == "swiglu"
         if self.swiglu:
             self.gate_proj = nn.Linear(cfg.hidden_size, hidden, bias=cfg.bias)
@@ -177,7 +162,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        vocab = padded_vocab_size(cfg)
+        vocab = cfg.padded_vocab_size
         self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
         self.embed_positions = (
             nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
@@ -190,8 +175,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
         self.tie_weights()
         # Rotary tables are derived state: not saved, rebuilt by init_weights().
-        head_dim = cfg.hidden_size // cfg.n_heads
-        shape = (cfg.max_seq_len, head_dim) if cfg.position_embedding == "rope" else (0,)
+        shape = (cfg.max_seq_len, cfg.head_dim) if cfg.position_embedding == "rope" else (0,)
         self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
         self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
         # Set by megagpt.parallel to recompute blocks in backward: f(block, *args).
@@ -261,7 +245,7 @@ class GPT(nn.Module):
         if name == "lm_head.weight" and self.config.tie_embeddings:
             name = "embed_tokens.weight"  # a pipeline's last-stage copy of the tied matrix
         generator = torch.Generator(device=device)
-        generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        generator.manual_seed(derive_key(seed, zlib.crc32(name.encode())))
         return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
 
     @torch.no_grad()

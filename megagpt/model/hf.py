@@ -1,4 +1,4 @@
-"""Hugging Face `transformers` export and import.
+"""How megagpt's GPT maps onto Hugging Face `transformers` models: names, shapes, configs.
 
 A GPT-2-like model (LayerNorm, learned positions, GELU) maps to GPT2LMHeadModel, a
 Llama-like one (RMSNorm, rotary, SwiGLU) to LlamaForCausalLM; other combinations have
@@ -15,15 +15,10 @@ use the half-split layout that Llama checkpoints use, so q/k need no permutation
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import torch
 
-from megagpt.checkpoint.layout import CheckpointError
+from megagpt.config.errors import ConfigError
 from megagpt.config.schema import ModelConfig
-from megagpt.model.gpt import ffn_hidden_size, padded_vocab_size
 
 GPT2_LIKE = {"norm": "layernorm", "position_embedding": "learned", "activation": "gelu"}
 LLAMA_LIKE = {"norm": "rmsnorm", "position_embedding": "rope", "activation": "swiglu"}
@@ -33,17 +28,17 @@ def architecture(cfg: ModelConfig) -> str:
     for name, wanted in (("gpt2", GPT2_LIKE), ("llama", LLAMA_LIKE)):
         if all(getattr(cfg, k) == v for k, v in wanted.items()):
             if name == "gpt2" and not cfg.bias:
-                raise CheckpointError(
+                raise ConfigError(
                     "GPT-2 exports need model.bias=true (GPT2LMHeadModel has biases everywhere)"
                 )
-            if name == "gpt2" and (cfg.n_kv_heads or cfg.n_heads) != cfg.n_heads:
-                raise CheckpointError(
+            if name == "gpt2" and cfg.kv_heads != cfg.n_heads:
+                raise ConfigError(
                     "GPT-2 exports need plain multi-head attention "
                     "(model.n_kv_heads null or equal to model.n_heads)"
                 )
             return name
     have = {k: getattr(cfg, k) for k in GPT2_LIKE}
-    raise CheckpointError(
+    raise ConfigError(
         f"no Hugging Face architecture matches model {have}: export needs "
         f"GPT-2's {GPT2_LIKE} or Llama's {LLAMA_LIKE}"
     )
@@ -56,7 +51,7 @@ def _split_qkv(state: dict, prefix: str, cfg: ModelConfig, part: str) -> tuple:
     if f"{prefix}attn.q_proj{suffix}" in state:
         return tuple(state[f"{prefix}attn.{n}_proj{suffix}"] for n in "qkv")
     fused = state[f"{prefix}attn.qkv_proj{suffix}"]
-    groups = cfg.n_kv_heads or cfg.n_heads
+    groups = cfg.kv_heads
     per_group = cfg.n_heads // groups + 2
     grouped = fused.reshape(groups, per_group, -1, *fused.shape[1:])  # (G, r + 2, D, ...)
     q = grouped[:, :-2].reshape(-1, *fused.shape[1:])
@@ -68,7 +63,7 @@ def _split_qkv(state: dict, prefix: str, cfg: ModelConfig, part: str) -> tuple:
 
 
 def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig):
-    groups = cfg.n_kv_heads or cfg.n_heads
+    groups = cfg.kv_heads
     rest = q.shape[1:]
     q = q.reshape(groups, cfg.n_heads // groups, -1, *rest)
     k, v = k.reshape(groups, 1, -1, *rest), v.reshape(groups, 1, -1, *rest)
@@ -160,7 +155,7 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None):
 
     ids = special_ids or {}
     common = dict(
-        vocab_size=padded_vocab_size(cfg),
+        vocab_size=cfg.padded_vocab_size,
         tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=ids.get("bos"),
         eos_token_id=ids.get("eos"),
@@ -172,7 +167,7 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None):
             n_layer=cfg.n_layers,
             n_head=cfg.n_heads,
             n_positions=cfg.max_seq_len,
-            n_inner=ffn_hidden_size(cfg),
+            n_inner=cfg.mlp_width,
             activation_function="gelu_new",
             layer_norm_epsilon=cfg.norm_eps,
             resid_pdrop=cfg.dropout,
@@ -182,11 +177,11 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None):
         )
     return transformers.LlamaConfig(
         hidden_size=cfg.hidden_size,
-        intermediate_size=ffn_hidden_size(cfg),
+        intermediate_size=cfg.mlp_width,
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
-        head_dim=cfg.hidden_size // cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
@@ -198,67 +193,12 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None):
     )
 
 
-def save_hf(
-    state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, tokenizer_model: Path | None = None
-) -> Path:
-    """Write a transformers model directory (config.json, model.safetensors, tokenizer)."""
-    import transformers
-
-    special = None
-    if tokenizer_model is not None:
-        from megagpt.tokenizer import Tokenizer
-
-        tok = Tokenizer(tokenizer_model)
-        special = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
-    config = hf_config(cfg, special)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    hf_state = to_hf(state, cfg)
-    missing, unexpected = model.load_state_dict(hf_state, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"export mapping is incomplete: missing {missing}, unexpected {unexpected}"
-        )
-    if cfg.tie_embeddings:
-        model.tie_weights()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if tokenizer_model is not None:
-        _save_tokenizer(tokenizer_model, out)
-    return out
-
-
-def _save_tokenizer(tokenizer_model: Path, out: Path) -> None:
-    """The sentencepiece model with a config transformers' LlamaTokenizer reads (it
-    converts it to a fast tokenizer: the same ids, except for text that starts with
-    spaces, where sentencepiece's dummy prefix is handled differently)."""
-    shutil.copyfile(tokenizer_model, out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "LlamaTokenizer",
-                "add_bos_token": False,
-                "add_eos_token": False,
-                "legacy": False,
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "pad_token": "<pad>",
-                "model_max_length": 1_000_000,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-
-
 # ---------------------------------------------------------------- HF -> megagpt
 def model_config_from_hf(config) -> ModelConfig:
     kind = config.model_type
     if kind == "gpt2":
         if config.activation_function != "gelu_new":
-            raise CheckpointError(
+            raise ConfigError(
                 f"GPT-2 activation {config.activation_function!r}: megagpt "
                 "implements gelu_new (tanh GELU)"
             )
@@ -282,13 +222,13 @@ def model_config_from_hf(config) -> ModelConfig:
     if kind == "llama":
         rope = getattr(config, "rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default":
-            raise CheckpointError(f"rope scaling {rope.get('rope_type')!r} is not supported")
+            raise ConfigError(f"rope scaling {rope.get('rope_type')!r} is not supported")
         if config.attention_bias != config.mlp_bias or config.hidden_act != "silu":
-            raise CheckpointError(
+            raise ConfigError(
                 "megagpt's Llama shape needs attention_bias == mlp_bias and hidden_act silu"
             )
         if config.head_dim * config.num_attention_heads != config.hidden_size:
-            raise CheckpointError("head_dim x num_attention_heads must equal hidden_size")
+            raise ConfigError("head_dim x num_attention_heads must equal hidden_size")
         return ModelConfig(
             vocab_size=config.vocab_size,
             max_seq_len=config.max_position_embeddings,
@@ -307,7 +247,7 @@ def model_config_from_hf(config) -> ModelConfig:
             fused_qkv=False,
             attention_dropout=config.attention_dropout,
         )
-    raise CheckpointError(f"model_type {kind!r}: megagpt imports gpt2 and llama models")
+    raise ConfigError(f"model_type {kind!r}: megagpt imports gpt2 and llama models")
 
 
 def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
