@@ -25,10 +25,8 @@ import torch
 from megagpt.checkpoint import Checkpointer
 from megagpt.checkpoint.state import collect
 from megagpt.config import apply_overrides, load_config
-from megagpt.model import build_model
-from megagpt.parallel.env import DistributedEnv
-from megagpt.parallel.model import ParallelModel
-from megagpt.training.optimizer import Optimizers, build_optimizer
+from megagpt.parallel import init_distributed, shutdown_distributed
+from megagpt.parallel.parallelize import parallelize
 
 
 def disk_write_speed(directory: Path, nbytes: int, chunk: int = 64 << 20) -> float:
@@ -73,21 +71,20 @@ def main() -> None:
         config = apply_overrides(
             load_config(args.shape), [f"train.output_dir={work}", "checkpoint.keep_last=1"], "bench"
         )
-        env = DistributedEnv(0, 1, 0, torch.device("cpu"))
-        model = ParallelModel([build_model(config.model, "cpu", seed=0)], config, env)
-        optimizers = Optimizers([build_optimizer(model.parts[0], config.optim, True)])
-        nbytes = state_bytes(collect(model, optimizers))  # also creates AdamW's state
-        params = sum(p.numel() for p in model.parameters())
+        env = init_distributed("cpu")  # the one-process layout, as `megagpt train` runs
+        module = parallelize(config, env)
+        nbytes = state_bytes(collect(module.parts, module.optimizers))  # creates AdamW's state
+        params = sum(p.numel() for p in module.parameters())
         disk = disk_write_speed(work, nbytes)
 
         tokens = torch.randint(0, config.model.vocab_size, (1, args.seq_len + 1))
 
         def forward_backward() -> None:  # the next training step, up to its update
-            model.parts[0](tokens[:, :-1], tokens[:, 1:]).backward()
+            module.parts[0](tokens[:, :-1], tokens[:, 1:]).backward()
 
         def checkpointer_for(async_save: bool) -> Checkpointer:
             config.checkpoint.async_save = async_save
-            return Checkpointer(config, model, optimizers, work / "checkpoints", True)
+            return Checkpointer(config, module, work / "checkpoints", True)
 
         checkpointer = checkpointer_for(False)
         start = time.perf_counter()
@@ -136,6 +133,7 @@ def main() -> None:
         worst_blocked = max(run[0] for run in async_runs)
         print(f"blocked / synchronous save: {worst_blocked / sync_s:.3f}  (goal < 0.10)")
         print(f"save throughput / disk write speed: {nbytes / sync_s / disk:.3f}  (goal >= 0.50)")
+        shutdown_distributed(env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -23,9 +23,9 @@ from megagpt.config import load_config
 from megagpt.config.schema import ModelConfig, OptimConfig
 from megagpt.model import build_model
 from megagpt.model.flops import flops_per_token
-from megagpt.training.optimizer import build_optimizer
+from megagpt.parallel.optimizer import build_optimizer
 from megagpt.utils.allocator import keep_freed_memory
-from megagpt.utils.hardware import peak_tflops
+from megagpt.utils.hardware import device_peak
 
 SHAPES = {
     # A GPT-2 with fewer, narrower layers, so a CPU step takes about a second.
@@ -130,7 +130,7 @@ def main() -> None:
             times.append(timed(step, batch, device))
 
     tokens = args.batch * args.seq_len
-    peak = peak_tflops(device, args.precision, None) * 1e12
+    peak = device_peak(device, args.precision, None).tflops * 1e12
     per_token = flops_per_token(cfg, args.seq_len)
     print(
         f"shape {args.shape}: {cfg.n_layers} layers, hidden {cfg.hidden_size}, "

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from megagpt.config import Config, load_config, save_config
 from megagpt.config.errors import ConfigError
 from megagpt.data.indexed import IndexedDatasetWriter, token_dtype
 from megagpt.demo_corpus import python_documentation
+from megagpt.launch.errors import LaunchError
 from megagpt.tokenizer import Tokenizer
 
 MARKER = ".megagpt-demo"
@@ -97,27 +97,20 @@ def demo_config(output_dir: Path, overrides: Sequence[str]) -> Config:
 
 
 def run_training(config_path: Path, config: Config, nproc: int) -> None:
+    """Train in this process, or on `nproc` ranks through `megagpt launch local` (the
+    torchrun agent every launch uses)."""
     if nproc == 1:
         from megagpt.training.trainer import train
 
         train(config)
         return
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "megagpt",
-        "train",
-        "--config",
-        str(config_path),
-    ]
-    say(f"      launching: {' '.join(command[2:])}")
-    subprocess.run(command, env=env, check=True)
+    command = ["launch", "local", "--nproc", str(nproc), "--config", str(config_path)]
+    say(f"      launching: megagpt {' '.join(command)}")
+    done = subprocess.run([sys.executable, "-m", "megagpt", *command])
+    if done.returncode != 0:
+        raise LaunchError(
+            f"training on {nproc} processes failed (exit code {done.returncode}); its log is above"
+        )
 
 
 def run_demo(
@@ -146,26 +139,16 @@ def run_demo(
     val = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
     say("      validation loss: " + "  ".join(f"{s}: {v:.3f}" for s, v in val))
 
-    import torch
-
     from megagpt.checkpoint import load_model_for_inference
-    from megagpt.generate import generate
+    from megagpt.generate import generate_text
 
     model, _, _ = load_model_for_inference(t.output_dir)
     samples = []
     say("[5/5] generation (temperature 0.8, top-k 50) from the final checkpoint:")
     for i, prompt in enumerate(PROMPTS):
-        prompt_ids = torch.tensor([tokenizer.encode_prompt(prompt)])
-        ids = generate(
-            model,
-            prompt_ids,
-            max_new_tokens=60,
-            temperature=0.8,
-            top_k=50,
-            seed=seed + i,
-            eod_id=tokenizer.eod_id,
+        (text,) = generate_text(
+            model, tokenizer, prompt, max_new_tokens=60, temperature=0.8, top_k=50, seed=seed + i
         )
-        text = tokenizer.decode([x for x in ids[0].tolist() if x != tokenizer.eod_id])
         samples.append(text)
         say(f"  >>> {text}")
     say(

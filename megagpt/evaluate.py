@@ -1,19 +1,23 @@
-"""`megagpt eval`: loss and perplexity of a checkpoint on a data split."""
+"""`megagpt eval`: loss and perplexity of a checkpoint on a data split.
+
+The checkpoint's model is built as training builds it (a train module, here the layout
+of one process) and its weights are loaded into it, so evaluation computes exactly
+the validation loss that training logs.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-import torch
-
-from megagpt.checkpoint import load_model_for_inference
+from megagpt.checkpoint import resolve_checkpoint_dir
+from megagpt.checkpoint.inference import checkpoint_config
+from megagpt.checkpoint.layout import read_metadata
+from megagpt.checkpoint.manager import load_state
 from megagpt.config import ConfigError, apply_overrides
 from megagpt.data import build_datasets
-from megagpt.parallel.env import DistributedEnv
-from megagpt.parallel.model import ParallelModel
-from megagpt.training.steps import evaluate
-from megagpt.training.trainer import autocast_for, resolve_precision
+from megagpt.parallel import init_distributed, shutdown_distributed
+from megagpt.parallel.parallelize import parallelize
 
 
 def evaluate_checkpoint(
@@ -24,10 +28,14 @@ def evaluate_checkpoint(
     device: str = "cpu",
 ) -> dict:
     """Mean loss over `iters` global batches (default: the config's eval_iters)."""
-    model, config, metadata = load_model_for_inference(checkpoint, device)
+    directory = resolve_checkpoint_dir(checkpoint)
+    metadata = read_metadata(directory)
+    overrides = [f"train.device={device}", *overrides]
     if iters is not None:
-        overrides = [*overrides, f"train.eval_iters={iters}"]
-    config = apply_overrides(config, overrides, source="checkpoint config + command line")
+        overrides.append(f"train.eval_iters={iters}")
+    config = apply_overrides(
+        checkpoint_config(directory), overrides, source="checkpoint config + command line"
+    )
     datasets = build_datasets(config.data, config.train.seed)
     dataset = getattr(datasets, split)
     if dataset is None:
@@ -35,11 +43,13 @@ def evaluate_checkpoint(
             f"data.split = {config.data.split!r} leaves the {split} split empty; "
             "choose another --split or data.split"
         )
-    dev = torch.device(device)
-    single = ParallelModel([model], config, DistributedEnv(0, 1, 0, dev))
-    single.autocast = autocast_for(resolve_precision(config, dev), dev)
-    loss = evaluate(single, dataset, config)
-    single.train(False)
+    env = init_distributed(config.train.device)
+    try:
+        module = parallelize(config, env)
+        load_state(module.parts, None, directory, config.model.tie_embeddings)
+        loss = module.evaluate(dataset)
+    finally:
+        shutdown_distributed(env)
     return {
         "step": metadata["step"],
         "split": split,

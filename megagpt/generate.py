@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from megagpt.config.errors import ConfigError
 from megagpt.model.gpt import GPT
 from megagpt.model.kv_cache import KVCache
+from megagpt.tokenizer import Tokenizer
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -78,9 +80,9 @@ def generate(
         cache = KVCache(
             cfg.n_layers,
             batch,
-            cfg.n_kv_heads or cfg.n_heads,
+            cfg.kv_heads,
             total,
-            cfg.hidden_size // cfg.n_heads,
+            cfg.head_dim,
             param.dtype,
             prompt.device,
         )
@@ -101,3 +103,43 @@ def generate(
         if eod_id is not None and bool(finished.all()):
             break
     return tokens
+
+
+def generate_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    num_samples: int = 1,
+    use_cache: bool = True,
+) -> list[str]:
+    """`num_samples` continuations of `prompt` as text, each starting a new document.
+
+    The continuation is cut to the positions the model has left after the prompt; EOD
+    tokens are dropped from the decoded text.
+    """
+    prompt_ids = tokenizer.encode_prompt(prompt)
+    room = model.config.max_seq_len - len(prompt_ids)
+    if room <= 0:
+        raise ConfigError(
+            f"the prompt is {len(prompt_ids)} tokens; the model takes at most "
+            f"{model.config.max_seq_len} (model.max_seq_len): shorten the prompt"
+        )
+    device = next(model.parameters()).device
+    batch = torch.tensor([prompt_ids] * num_samples, device=device)
+    ids = generate(
+        model,
+        batch,
+        min(max_new_tokens, room),
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        tokenizer.eod_id,
+        use_cache=use_cache,
+    )
+    return [tokenizer.decode([i for i in row if i != tokenizer.eod_id]) for row in ids.tolist()]

@@ -7,8 +7,8 @@ from torch.distributed.tensor import DTensor
 from megagpt.config import Config
 from megagpt.data import build_datasets
 from megagpt.parallel import init_distributed
+from megagpt.parallel.batches import step_batches
 from megagpt.parallel.parallelize import parallelize
-from megagpt.training.steps import step_batches
 
 
 def first_step_gradients(config: Config):

@@ -307,10 +307,8 @@ def test_an_update_waits_for_the_writer_reading_live_weights(tiny_config, tmp_pa
     into the checkpoint: before_update() waits for the writer. ~100 MB of weights make
     the write far slower than the update, so without the wait the update would win."""
     from megagpt.checkpoint import Checkpointer
-    from megagpt.model import build_model
-    from megagpt.parallel.env import DistributedEnv
-    from megagpt.parallel.model import ParallelModel
-    from megagpt.training.optimizer import Optimizers, build_optimizer
+    from megagpt.parallel import init_distributed, shutdown_distributed
+    from megagpt.parallel.parallelize import parallelize
 
     config = apply_overrides(
         tiny_config,
@@ -323,16 +321,18 @@ def test_an_update_waits_for_the_writer_reading_live_weights(tiny_config, tmp_pa
         ],
         "test",
     )
-    env = DistributedEnv(0, 1, 0, torch.device("cpu"))
-    model = ParallelModel([build_model(config.model, "cpu", seed=0)], config, env)
-    optimizers = Optimizers([build_optimizer(model.parts[0], config.optim)])
-    before = {k: v.clone() for k, v in model.parts[0].state_dict().items()}
-    checkpointer = Checkpointer(config, model, optimizers, tmp_path / "checkpoints", True)
-    checkpointer.save(1, {"consumed_samples": 0})
-    checkpointer.before_update()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(1.0)  # the update
-    checkpointer.wait()
+    env = init_distributed("cpu")
+    try:
+        module = parallelize(config, env)
+        before = {k: v.clone() for k, v in module.parts[0].state_dict().items()}
+        checkpointer = Checkpointer(config, module, tmp_path / "checkpoints", True)
+        checkpointer.save(1, {"consumed_samples": 0})
+        checkpointer.before_update()
+        with torch.no_grad():
+            for param in module.parameters():
+                param.add_(1.0)  # the update
+        checkpointer.wait()
+    finally:
+        shutdown_distributed(env)
     saved, _ = consolidated_state_dict(tmp_path)
     assert all(torch.equal(saved[k], before[k]) for k in before)

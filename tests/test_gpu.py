@@ -6,7 +6,8 @@ import torch
 from megagpt.checkpoint import load_model_for_inference
 from megagpt.config import apply_overrides
 from megagpt.generate import generate
-from megagpt.training.trainer import resolve_precision, train
+from megagpt.parallel.precision import resolve_precision
+from megagpt.training.trainer import train
 
 pytestmark = pytest.mark.gpu
 

@@ -4,7 +4,8 @@ import pytest
 
 from megagpt.config.schema import ModelConfig, OptimConfig
 from megagpt.model import build_model
-from megagpt.training.optimizer import build_optimizer, learning_rate
+from megagpt.parallel.optimizer import build_optimizer
+from megagpt.training.schedule import learning_rate
 
 
 def lrs(cfg, max_steps):

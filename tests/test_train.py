@@ -102,6 +102,17 @@ def test_two_data_parallel_ranks_match_one_process(tiny_config):
         torch.testing.assert_close(dp_weights[name], tensor, rtol=1e-5, atol=1e-5)
 
 
+def test_a_one_rank_process_group_is_the_one_process_layout(tiny_config):
+    """A process group of one rank made by the caller (torchrun --nproc-per-node 1, a
+    notebook) runs the layout of size one, the same code as a lone process."""
+    reference = train(tiny_config)
+    config = apply_overrides(
+        tiny_config, [f"train.output_dir={tiny_config.train.output_dir}-pg1"], "test"
+    )
+    (result,) = run_distributed(train, world_size=1, args=(config,))
+    assert_same_run(reference, result)
+
+
 def test_torchrun_command_line_matches_one_process(dataset_prefix, tokenizer, tmp_path):
     def run(nproc, name):
         overrides = tiny_overrides(dataset_prefix, tokenizer, tmp_path / name)

@@ -9,10 +9,7 @@ import torch
 from megagpt.checkpoint.layout import read_metadata, resolve_checkpoint_dir
 from megagpt.checkpoint.manager import load_state
 from megagpt.config import Config, load_config
-from megagpt.model.build import build_meta_model
-from megagpt.model.gpt import GPT
-from megagpt.parallel.env import DistributedEnv
-from megagpt.parallel.model import ParallelModel
+from megagpt.model import build_model
 
 
 def checkpoint_config(directory: Path) -> Config:
@@ -28,9 +25,8 @@ def load_model_for_inference(path: str | Path, device: torch.device | str = "cpu
     directory = resolve_checkpoint_dir(path)
     metadata = read_metadata(directory)
     config = checkpoint_config(directory)
-    model = build_inference_model(config, device)
-    single = ParallelModel([model], config, DistributedEnv(0, 1, 0, torch.device(device)))
-    load_state(single, None, directory, config.model.tie_embeddings)
+    model = build_model(config.model, device, seed=None)
+    load_state([model], None, directory, config.model.tie_embeddings)
     model.eval()
     return model, config, metadata
 
@@ -39,12 +35,3 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     """The checkpoint's weights as one state dict (keys as GPT.state_dict())."""
     model, config, _ = load_model_for_inference(path)
     return {k: v.detach() for k, v in model.state_dict().items()}, config
-
-
-def build_inference_model(config: Config, device: torch.device | str = "cpu") -> GPT:
-    """The config's model on `device` with uninitialized weights, ready to be loaded."""
-    model = build_meta_model(config.model)
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.reset_buffers()
-    return model

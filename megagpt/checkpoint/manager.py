@@ -26,6 +26,7 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
@@ -39,8 +40,8 @@ from megagpt.checkpoint.layout import CheckpointError
 from megagpt.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, read_index
 from megagpt.checkpoint.state import apply, check_fits, collect, stored_name
 from megagpt.config import Config, save_config
-from megagpt.parallel.model import ParallelModel
-from megagpt.training.optimizer import Optimizers
+from megagpt.parallel.optimizer import Optimizers
+from megagpt.parallel.train_module import TrainModule
 
 log = logging.getLogger(__name__)
 # DCP warns that it "assumes a single process" whenever there is no process group.
@@ -77,18 +78,17 @@ class Checkpointer:
     def __init__(
         self,
         config: Config,
-        model: ParallelModel,
-        optimizers: Optimizers,
+        module: TrainModule,
         root: Path,
         is_main: bool,
     ):
-        self.config, self.model, self.optimizers = config, model, optimizers
+        self.config, self.module = config, module
         self.root, self.is_main = root, is_main
         self._pending: _Pending | None = None
         self.last_step: int | None = None  # the step of the newest save started
         # Background writes run their collectives on a group of their own, so they
         # never interleave with the training loop's collectives.
-        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._group = dist.new_group(backend="gloo")
         if is_main:
             root.mkdir(parents=True, exist_ok=True)
             layout.remove_incomplete(root)
@@ -111,11 +111,11 @@ class Checkpointer:
                 shutil.copyfile(tokenizer, partial / "tokenizer.model")
         _barrier()
         started = time.perf_counter()
-        state = collect(self.model, self.optimizers)
+        state = collect(self.module.parts, self.module.optimizers)
         writer = FileSystemWriter(partial / layout.STATE_DIR, thread_count=4)
         info = {**layout.base_metadata(step), "optimizer_state": True, **metadata}
         if self.config.checkpoint.async_save:
-            live = self.model.env.device.type == "cpu"
+            live = self.module.env.device.type == "cpu"
             stager = _LiveStateStager() if live else None
             future = dcp.async_save(
                 state, storage_writer=writer, process_group=self._group, async_stager=stager
@@ -182,20 +182,20 @@ class Checkpointer:
         metadata (step, consumed samples, ...)."""
         metadata = layout.read_metadata(directory)
         # An imported checkpoint has weights only: the optimizer starts fresh.
-        optimizers = self.optimizers if metadata.get("optimizer_state", True) else None
-        load_state(self.model, optimizers, directory, self.config.model.tie_embeddings)
+        optimizers = self.module.optimizers if metadata.get("optimizer_state", True) else None
+        load_state(self.module.parts, optimizers, directory, self.config.model.tie_embeddings)
         return metadata
 
 
 def _barrier(group=None) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
+    dist.barrier(group=group)
 
 
 def load_state(
-    model: ParallelModel, optimizers: Optimizers | None, directory: Path, tie_embeddings: bool
+    parts: list[nn.Module], optimizers: Optimizers | None, directory: Path, tie_embeddings: bool
 ) -> None:
-    """Fill `model` (and `optimizers`, if given) from the checkpoint in `directory`.
+    """Fill the model `parts` (and `optimizers`, if given) from the checkpoint in
+    `directory`. Without optimizers (inference, export) no process group is needed.
 
     DCP loads tensors in place into the state dict we pass, resharding them for this
     layout; entries are requested under the names they were stored with.
@@ -204,7 +204,7 @@ def load_state(
     stored = {
         k: getattr(v, "size", None) for k, v in read_index(state_dir).state_dict_metadata.items()
     }
-    state = collect(model, optimizers) if optimizers is not None else {"model": _model_state(model)}
+    state = collect(parts, optimizers) if optimizers is not None else {"model": _model_state(parts)}
     check_fits(state, stored, directory)
     request, missing = {}, []
     for section, entries in state.items():
@@ -224,14 +224,14 @@ def load_state(
         )
     dcp.load(request, storage_reader=SafeFileSystemReader(state_dir), planner=SafeLoadPlanner())
     if optimizers is not None:
-        apply(model, optimizers, state)
+        apply(parts, optimizers, state)
         return
-    for part in model.parts:
+    for part in parts:
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
 
 
-def _model_state(model: ParallelModel) -> dict:
+def _model_state(parts: list[nn.Module]) -> dict:
     state = {}
-    for part in model.parts:
+    for part in parts:
         state.update(get_model_state_dict(part))
     return state

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -17,8 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from megagpt.checkpoint.layout import CheckpointError
-from megagpt.parallel.model import ParallelModel
-from megagpt.training.optimizer import Optimizers
+from megagpt.parallel.optimizer import Optimizers
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 TIED_COPY, TIED_SOURCE = "lm_head.weight", "embed_tokens.weight"
@@ -28,14 +28,15 @@ def rng_key(rank: int) -> str:
     return f"rank{rank}"
 
 
-def collect(model: ParallelModel, optimizers: Optimizers) -> dict:
-    """The state dict to save (and, for loading, the template to fill in place)."""
+def collect(parts: list[nn.Module], optimizers: Optimizers) -> dict:
+    """The state dict to save (and, for loading, the template to fill in place) of a
+    train module's parts and optimizers; needs the process group of the run."""
     model_state, optimizer_state = {}, {}
-    for part, optimizer in zip(model.parts, optimizers.optimizers):
+    for part, optimizer in zip(parts, optimizers.optimizers):
         part_model, part_optimizer = get_state_dict(part, optimizer, options=OPTIONS)
         model_state.update(part_model)
         optimizer_state.update(part_optimizer)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.get_rank()
     return {
         "model": model_state,
         "optimizer": optimizer_state,
@@ -43,9 +44,9 @@ def collect(model: ParallelModel, optimizers: Optimizers) -> dict:
     }
 
 
-def apply(model: ParallelModel, optimizers: Optimizers, state: dict) -> None:
+def apply(parts: list[nn.Module], optimizers: Optimizers, state: dict) -> None:
     """Put loaded state (filled in place into a `collect` template) into the model."""
-    for part, optimizer in zip(model.parts, optimizers.optimizers):
+    for part, optimizer in zip(parts, optimizers.optimizers):
         names = set(dict(part.named_parameters(remove_duplicate=False))) | set(part.state_dict())
         part_model = {k: v for k, v in state["model"].items() if k in names}
         part_optimizer = {
@@ -61,7 +62,7 @@ def apply(model: ParallelModel, optimizers: Optimizers, state: dict) -> None:
             options=OPTIONS,
         )
     rng = state.get("rng", {})
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.get_rank()
     if rng_key(rank) in rng:
         torch.set_rng_state(rng[rng_key(rank)])
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from megagpt.config import Config, ConfigError
 from megagpt.data import global_sample_indices
-from megagpt.parallel.model import ParallelModel
+from megagpt.utils.seeds import derive_key
+
+if TYPE_CHECKING:  # the train module reads its batches through here
+    from megagpt.parallel.train_module import TrainModule
 
 
 def load_microbatch(dataset, indices, vocab_size: int, device: torch.device):
@@ -24,7 +29,7 @@ def load_microbatch(dataset, indices, vocab_size: int, device: torch.device):
 
 
 def microbatch_indices(
-    step: int, model: ParallelModel, config: Config, sample_offset: int = 0
+    step: int, model: TrainModule, config: Config, sample_offset: int = 0
 ) -> list[np.ndarray]:
     """Global sample indices of each of this replica's microbatches of step `step`.
 
@@ -42,7 +47,7 @@ def microbatch_indices(
     ]
 
 
-def step_batches(dataset, step: int, model: ParallelModel, config: Config, sample_offset: int = 0):
+def step_batches(dataset, step: int, model: TrainModule, config: Config, sample_offset: int = 0):
     """This replica's microbatches of global batch `step`."""
     return [
         load_microbatch(dataset, indices, config.model.vocab_size, model.env.device)
@@ -60,15 +65,4 @@ def dropout_seed(seed: int, first_sample: int) -> int:
     parallelism, attention dropout over head shards, and pipelines (seeded once per
     step) draw different, equally distributed masks. Resuming needs no RNG state.
     """
-    return (seed * 1_000_003 + first_sample) % 2**63
-
-
-def evaluate(model: ParallelModel, dataset, config: Config) -> float:
-    """Mean loss over the first eval_iters global batches of `dataset`."""
-    model.train(False)
-    total = sum(
-        model.global_mean(model.eval_step(step_batches(dataset, step, model, config)))
-        for step in range(config.train.eval_iters)
-    )
-    model.train(True)
-    return total / config.train.eval_iters
+    return derive_key(seed, first_sample)

@@ -1,6 +1,8 @@
 """The parallel layout: how many ranks along each dimension, and the device mesh.
 
-world = pipeline x data x tensor. The mesh's dimensions, outermost first, are
+world = pipeline x data x tensor; one process is the layout with every size 1, and goes
+through the same code (each parallelism is applied only where its size is above 1).
+The mesh's dimensions, outermost first, are
 ("pp", "dp_replicate", "dp_shard", "tp"): tensor-parallel ranks are neighbours (one
 node), pipeline stages are furthest apart. Data parallelism is split into a replicate
 and a shard dimension for FSDP2's HSDP mode; one of the two always has size 1: ZeRO
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megagpt.config import Config, ConfigError
+from megagpt.config import Config, validate_world_size
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -39,61 +41,43 @@ class ParallelDims:
     def dp_replicate(self) -> int:
         return 1 if self.zero_stage > 0 else self.dp
 
+    @property
+    def pipeline_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def tensor_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def data_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """FSDP2 manages the parameters of every layout of more than one process, also
+        at data-parallel size 1: it keeps every gradient's placement equal to its
+        parameter's, which a pipeline's backward alone does not (on tensor 2 x pipeline
+        2 the vocabulary-sharded embedding's gradient comes back replicated)."""
+        return self.world_size > 1
+
+    def dp_rank(self, rank: int) -> int:
+        """This rank's index among the data-parallel replicas (see MESH_DIMS: ranks run
+        tensor-parallel fastest, then data-parallel, then pipeline)."""
+        return rank // self.tp % self.dp
+
     @classmethod
     def from_config(cls, config: Config, world_size: int) -> ParallelDims:
         """The layout for `world_size` processes, or a ConfigError saying what would work."""
-        p, t = config.parallel, config.train
-        tp, pp = p.tensor_parallel_size, p.pipeline_parallel_size
-        model_ranks = tp * pp
-        if world_size % model_ranks:
-            raise ConfigError(
-                f"parallel.tensor_parallel_size x parallel.pipeline_parallel_size = {tp} x {pp}"
-                f" = {model_ranks} does not divide the number of processes ({world_size}); "
-                f"choose sizes whose product divides {world_size}"
-            )
-        dp = world_size // model_ranks
-        if p.data_parallel_size is not None and p.data_parallel_size != dp:
-            raise ConfigError(
-                f"parallel.data_parallel_size = {p.data_parallel_size}: {world_size} processes "
-                f"/ (tensor {tp} x pipeline {pp}) leave {dp}; set it to {dp} or leave it null"
-            )
-        per_pass = t.micro_batch_size * dp
-        if t.global_batch_size % per_pass:
-            raise ConfigError(
-                f"train.global_batch_size = {t.global_batch_size}: must be a multiple of "
-                f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp} = "
-                f"{per_pass})"
-            )
-        microbatches = t.global_batch_size // per_pass
-        _check_pipeline_microbatches(p.pipeline_schedule, pp, microbatches, per_pass)
-        return cls(pp=pp, dp=dp, tp=tp, zero_stage=p.zero_stage)
+        p = config.parallel
+        dp = validate_world_size(config, world_size)
+        return cls(
+            pp=p.pipeline_parallel_size, dp=dp, tp=p.tensor_parallel_size, zero_stage=p.zero_stage
+        )
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
         return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-
-
-def _check_pipeline_microbatches(schedule: str, pp: int, microbatches: int, per_pass: int) -> None:
-    """Pipeline microbatches are the gradient-accumulation passes of one step."""
-    if pp == 1:
-        return
-    hint = (
-        f"raise train.global_batch_size or lower train.micro_batch_size (each "
-        f"microbatch is train.micro_batch_size x data-parallel size = {per_pass} sequences)"
-    )
-    if schedule == "1f1b" and microbatches < pp:
-        raise ConfigError(
-            f"parallel.pipeline_schedule = '1f1b' needs at least as many microbatches as "
-            f"pipeline stages ({pp}), but a step has {microbatches}; {hint}"
-        )
-    if schedule in ("interleaved_1f1b", "zero_bubble"):
-        rounds = max(1, microbatches // pp)
-        if microbatches % rounds:
-            raise ConfigError(
-                f"parallel.pipeline_schedule = {schedule!r} needs the number of microbatches "
-                f"({microbatches}) to be a multiple of microbatches // pipeline_parallel_size "
-                f"({rounds}); use a multiple of {pp}: {hint}"
-            )
 
 
 def device_type(device: torch.device) -> str:

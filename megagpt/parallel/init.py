@@ -38,6 +38,13 @@ def local_piece(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return piece
 
 
+def materialize_shards(part: GPT, device: torch.device, seed: int) -> None:
+    """Allocate a (meta, possibly sharded) model part on `device` and initialize it."""
+    part.to_empty(device=device)
+    part.tie_weights()
+    init_parameters(part, seed)
+
+
 @torch.no_grad()
 def init_parameters(part: GPT, seed: int) -> None:
     """Fill every parameter of `part` (sharded or not) and rebuild its buffers."""

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from megagpt.parallel.model import ParallelModel, local
+from megagpt.parallel.train_module import TrainModule, local
 
 log = logging.getLogger(__name__)
 
@@ -15,15 +15,13 @@ def _nbytes(tensors) -> int:
     return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
 
-def memory_bytes(
-    model: ParallelModel, optimizer: torch.optim.Optimizer, expected: bool = False
-) -> dict[str, int]:
+def memory_bytes(module: TrainModule, expected: bool = False) -> dict[str, int]:
     """This rank's bytes of parameters, gradients and optimizer state.
 
     With expected=True, gradients and AdamW's two moments are counted as they will be
     once allocated (the same shapes as the local parameters), for the start-up log.
     """
-    params = model.parameters()
+    params = module.parameters()
     param_bytes = _nbytes(params)
     if expected:
         return {
@@ -34,7 +32,7 @@ def memory_bytes(
     grads = [p.grad for p in params if p.grad is not None]
     states = [
         v
-        for state in optimizer.state.values()
+        for state in module.optimizers.state.values()
         for v in state.values()
         if isinstance(v, torch.Tensor) and v.dim() > 0
     ]  # not the step counters

@@ -1,8 +1,6 @@
-"""AdamW with Megatron's parameter groups, and the learning-rate schedules."""
+"""AdamW with Megatron's parameter groups, one per model part, stepped together."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -56,6 +54,10 @@ class Optimizers:
         for optimizer in self.optimizers:
             optimizer.step()
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = lr
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=set_to_none)
@@ -67,28 +69,3 @@ class Optimizers:
     @property
     def state(self) -> dict:
         return {k: v for optimizer in self.optimizers for k, v in optimizer.state.items()}
-
-
-def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based). A pure function of the step,
-    so resuming needs no scheduler state."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.decay_style == "constant":
-        return cfg.lr
-    decay_steps = cfg.decay_steps or max(1, max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    if cfg.decay_style == "wsd":
-        stable = 1.0 - cfg.wsd_decay_fraction
-        if progress <= stable:
-            return cfg.lr
-        progress = (progress - stable) / cfg.wsd_decay_fraction
-        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
-    if cfg.decay_style == "linear":
-        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

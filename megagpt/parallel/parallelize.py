@@ -3,9 +3,9 @@
 parallelize(config, env) builds the model on the meta device and, in this order:
 splits it into pipeline stages; then for each local stage applies tensor (and
 sequence) parallelism, activation checkpointing, torch.compile per block, and data
-parallelism / ZeRO; then allocates it and initializes every shard to the values a
-single process would have. (torchtitan's order: the pipeline split comes first so
-that each stage is parallelized on its own.)
+parallelism / ZeRO, each only where it has more than one rank; then allocates it and
+initializes every shard to the values a single process would have. (torchtitan's
+order: the pipeline split comes first so that each stage is parallelized on its own.)
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import torch
 import torch.distributed as dist
 
 from megagpt.config import Config
-from megagpt.model.build import build_meta_model, materialize
+from megagpt.model.build import build_meta_model
 from megagpt.model.gpt import GPT
 from megagpt.parallel.activation_checkpoint import apply_activation_checkpointing
 from megagpt.parallel.data_parallel import apply_data_parallel
 from megagpt.parallel.dims import ParallelDims, device_type
 from megagpt.parallel.env import DistributedEnv
-from megagpt.parallel.init import init_parameters
-from megagpt.parallel.model import ParallelModel
+from megagpt.parallel.init import materialize_shards
 from megagpt.parallel.pipeline import build_schedule, split_model, stage_ids
 from megagpt.parallel.tensor_parallel import apply_tensor_parallel
+from megagpt.parallel.train_module import TrainModule
 
 log = logging.getLogger(__name__)
 
@@ -44,44 +44,36 @@ def compile_blocks(part: GPT) -> None:
         block.forward = torch.compile(block.forward)
 
 
-def parallelize(config: Config, env: DistributedEnv) -> ParallelModel:
-    p, seed = config.parallel, config.train.seed
-    t = config.train
-    if env.world_size == 1:
-        model = build_meta_model(config.model)
-        apply_activation_checkpointing(model, p.activation_checkpointing)
-        if t.compile:
-            compile_blocks(model)
-        materialize(model, env.device, seed)
-        return ParallelModel([model], config, env)
-
+def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
+    """Build the configured model on this rank's share of the layout; one process is
+    the layout of size one and takes the same steps, each a no-op at size 1."""
+    p, t = config.parallel, config.train
     dims = ParallelDims.from_config(config, env.world_size)
     mesh = dims.build_mesh(device_type(env.device))
     log.info(
-        "layout: %d processes = pipeline %d x data %d x tensor %d",
+        "layout: %d process%s = pipeline %d x data %d x tensor %d",
         env.world_size,
+        "es" if env.world_size > 1 else "",
         dims.pp,
         dims.dp,
         dims.tp,
     )
     meta = build_meta_model(config.model)
     n_stages = dims.pp * p.virtual_stages
-    stages = [0]
-    parts = [meta]
-    if dims.pp > 1:
+    stages, parts = [0], [meta]
+    if dims.pipeline_enabled:
         stages = stage_ids(mesh.get_local_rank("pp"), dims.pp, p.virtual_stages)
         parts = split_model(meta, stages, n_stages)
     for part in parts:
-        if dims.tp > 1:
+        if dims.tensor_enabled:
             apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
         apply_activation_checkpointing(part, p.activation_checkpointing)
         if t.compile:
             compile_blocks(part)
-        apply_data_parallel(part, mesh, dims.zero_stage)
-        part.to_empty(device=env.device)
-        part.tie_weights()
-        init_parameters(part, seed)
-    if dims.tp > 1:
+        if dims.fsdp_enabled:
+            apply_data_parallel(part, mesh, dims.zero_stage)
+        materialize_shards(part, env.device, t.seed)
+    if dims.tensor_enabled:
         log.info(
             "tensor parallel: %d ranks (Megatron partitioning%s, loss on vocab shards)",
             dims.tp,
@@ -91,14 +83,15 @@ def parallelize(config: Config, env: DistributedEnv) -> ParallelModel:
         log.info("activation checkpointing: %s", p.activation_checkpointing)
     if t.compile:
         log.info("torch.compile: every block")
-    log.info(
-        "data parallel: %d replica%s, %s",
-        dims.dp,
-        "s" if dims.dp > 1 else "",
-        ZERO_DESCRIPTION[dims.zero_stage],
-    )
+    if dims.fsdp_enabled:
+        log.info(
+            "data parallel: %d replica%s, %s",
+            dims.dp,
+            "s" if dims.data_enabled else "",
+            ZERO_DESCRIPTION[dims.zero_stage],
+        )
     schedule = None
-    if dims.pp > 1:
+    if dims.pipeline_enabled:
         microbatches = t.global_batch_size // (t.micro_batch_size * dims.dp)
         schedule = build_schedule(
             parts,
@@ -116,7 +109,6 @@ def parallelize(config: Config, env: DistributedEnv) -> ParallelModel:
             p.pipeline_schedule,
             microbatches,
         )
-    model = ParallelModel(parts, config, env, dims, mesh, schedule, stages, n_stages)
-    if dist.is_initialized():
-        dist.barrier()
-    return model
+    module = TrainModule(parts, config, env, dims, mesh, schedule, stages, n_stages)
+    dist.barrier()
+    return module

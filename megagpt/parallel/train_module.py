@@ -1,26 +1,34 @@
-"""The parallelized model as the training loop sees it.
+"""The train module: the parallelized model with its optimizers and precision.
 
-One object hides the layout: `train_step` runs a step's microbatches (gradient
-accumulation, or the pipeline schedule), `clip_grad_norm_` clips by the norm over
-every shard and stage. Losses come back
-as this rank's mean over its microbatches (zero on ranks without the last pipeline
-stage); `global_mean` turns that into the number a single process would report.
+One object hides the layout from the training loop, as OLMo-core's TrainModule does:
+`train_step` runs a step's microbatches (gradient accumulation, or the pipeline
+schedule), `clip_grad_norm_` clips by the norm over every shard and stage, and
+`optimizer_step` applies the update. Losses come back as this rank's mean over its
+microbatches (zero on ranks without the last pipeline stage); `global_mean` turns that
+into the number a single process would report. Checkpoints read and write the state
+through `parts` and `optimizers` and need nothing from the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from megagpt.config import Config
+from megagpt.parallel.batches import step_batches
 from megagpt.parallel.data_parallel import sync_every_microbatch
+from megagpt.parallel.dims import ParallelDims
 from megagpt.parallel.env import DistributedEnv
+from megagpt.parallel.optimizer import Optimizers, build_optimizer
+from megagpt.parallel.precision import autocast_for, resolve_precision
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -29,14 +37,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class ParallelModel:
+class TrainModule:
     def __init__(
         self,
         parts: list[nn.Module],
         config: Config,
         env: DistributedEnv,
-        dims=None,
-        mesh=None,
+        dims: ParallelDims,
+        mesh: DeviceMesh,
         schedule=None,
         stages: Sequence[int] = (0,),
         n_stages: int = 1,
@@ -44,7 +52,12 @@ class ParallelModel:
         self.parts, self.config, self.env = parts, config, env
         self.dims, self.mesh, self.schedule = dims, mesh, schedule
         self.stages, self.n_stages = list(stages), n_stages
-        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self.precision = resolve_precision(config, env.device)
+        self.autocast = autocast_for(self.precision, env.device)
+        # One optimizer per part (pipeline stage), so checkpoints key its state by name.
+        self.optimizers = Optimizers(
+            [build_optimizer(p, config.optim, config.model.tie_embeddings) for p in parts]
+        )
         self.has_first_stage = 0 in self.stages
         self.has_last_stage = n_stages - 1 in self.stages
         self._tied_group, self._tied_param = self._tied_embedding_group()
@@ -52,15 +65,11 @@ class ParallelModel:
     # ------------------------------------------------------------------ layout
     @property
     def dp_rank(self) -> int:
-        if self.mesh is None:
-            return 0
-        return self.mesh.get_local_rank(
-            "dp_replicate"
-        ) * self.dims.dp_shard + self.mesh.get_local_rank("dp_shard")
+        return self.dims.dp_rank(self.env.rank)
 
     @property
     def dp_size(self) -> int:
-        return 1 if self.dims is None else self.dims.dp
+        return self.dims.dp
 
     def parameters(self) -> list[nn.Parameter]:
         seen, params = set(), []
@@ -80,8 +89,7 @@ class ParallelModel:
             part.train(mode)
 
     def _loss_context(self):
-        tp = self.dims.tp if self.dims else 1
-        return loss_parallel() if tp > 1 else contextlib.nullcontext()
+        return loss_parallel() if self.dims.tensor_enabled else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches: list[Batch], seeds: Sequence[int] | None = None) -> torch.Tensor:
@@ -98,11 +106,11 @@ class ParallelModel:
             return self._pipeline(batches, train=True)
         total = torch.zeros((), device=self.env.device)
         part = self.parts[0]
-        every = self.dims is not None and sync_every_microbatch(self.dims.zero_stage)
+        every = sync_every_microbatch(self.dims.zero_stage)
         for i, (inputs, targets) in enumerate(batches):
             if seeds:
                 torch.manual_seed(seeds[i])
-            if self.mesh is not None:  # FSDP: reduce gradients now, or once per step
+            if isinstance(part, FSDPModule):  # reduce gradients now, or once per step
                 part.set_requires_gradient_sync(every or i == len(batches) - 1)
             with self._loss_context():
                 with self.autocast():
@@ -120,6 +128,18 @@ class ParallelModel:
             with self._loss_context(), self.autocast():
                 total += local(self.parts[0](inputs, targets))
         return total / len(batches)
+
+    def evaluate(self, dataset, iters: int | None = None) -> float:
+        """Mean loss over the first `iters` (default train.eval_iters) global batches of
+        `dataset`, as one process would compute it."""
+        iters = iters or self.config.train.eval_iters
+        self.train(False)
+        total = sum(
+            self.global_mean(self.eval_step(step_batches(dataset, step, self, self.config)))
+            for step in range(iters)
+        )
+        self.train(True)
+        return total / iters
 
     def _pipeline(self, batches: list[Batch], train: bool) -> torch.Tensor:
         inputs = torch.cat([b[0] for b in batches]) if self.has_first_stage else None
@@ -139,18 +159,26 @@ class ParallelModel:
     def global_mean(self, value: torch.Tensor) -> float:
         """A loss as one process would compute it: the mean over data-parallel ranks of
         the last pipeline stage's value (tensor-parallel ranks hold equal copies)."""
-        if not dist.is_initialized():
+        if self.dims.world_size == 1:
             return float(value)
         value = value.detach().clone()
         dist.all_reduce(value)
         return float(value) / (self.dims.dp * self.dims.tp)
+
+    # ------------------------------------------------------------------ updates
+    def optimizer_step(self, lr: float) -> None:
+        self.optimizers.set_lr(lr)
+        self.optimizers.step()
+
+    def zero_grad(self) -> None:
+        self.optimizers.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ gradients
     def _tied_embedding_group(self):
         """With tied embeddings split across the pipeline, the first stage's embedding
         and the last stage's output layer are copies; their gradients are summed
         between the two ranks after every backward so the copies stay equal."""
-        if self.dims is None or self.dims.pp == 1 or not self.config.model.tie_embeddings:
+        if not self.dims.pipeline_enabled or not self.config.model.tie_embeddings:
             return None, None
         grid = self.mesh.mesh  # (pp, dp_replicate, dp_shard, tp) ranks
         mine = None
@@ -180,7 +208,7 @@ class ParallelModel:
         norm = torch.nn.utils.get_total_norm([p.grad for p in counted], 2.0, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # sums squares over data and tensor shards
-        if self.dims is not None and self.dims.pp > 1:
+        if self.dims.pipeline_enabled:
             squared = norm.pow(2)
             dist.all_reduce(squared, group=self.mesh.get_group("pp"))
             norm = squared.sqrt()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
+
+from megagpt.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +78,8 @@ def _split_superseded(path: Path, resume_step: int) -> None:
             len(superseded),
             path.with_name("metrics.superseded.jsonl"),
         )
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def _plain(value):
     return round(value, 6) if isinstance(value, float) and math.isfinite(value) else value
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def format_rate(tokens_per_s: float) -> str:
-    if tokens_per_s >= 1e6:
-        return f"{tokens_per_s / 1e6:.2f}M"
-    if tokens_per_s >= 1e3:
-        return f"{tokens_per_s / 1e3:.1f}k"
-    return f"{tokens_per_s:.0f}"

@@ -5,6 +5,9 @@ global_batch_size / (micro_batch_size x dp) microbatches of its slice of the glo
 batch (see `microbatch_indices`), as gradient accumulation or as the pipeline's
 microbatches; gradients are averaged, clipped by the global norm and applied. The
 logged loss is the mean over the global batch, the same number whatever the layout.
+
+The train module (megagpt.parallel) owns the model, its optimizers and precision; the
+loop here owns the schedule, data order, evaluation, logging, checkpoints and stops.
 """
 
 from __future__ import annotations
@@ -20,31 +23,29 @@ import torch
 
 from megagpt.checkpoint import Checkpointer
 from megagpt.config import Config, ConfigError, save_config
-from megagpt.data import build_datasets
-from megagpt.launch.environment import collective_timeout_s
+from megagpt.contract import REQUEUE_EXIT_CODE
+from megagpt.data import build_datasets, check_data_config
+from megagpt.errors import MegagptError
 from megagpt.model.flops import flops_per_token, parameter_counts
 from megagpt.parallel import init_distributed, shutdown_distributed
+from megagpt.parallel.batches import dropout_seed, microbatch_indices, step_batches
+from megagpt.parallel.env import collective_timeout_s
 from megagpt.parallel.memory import log_memory, memory_bytes
 from megagpt.parallel.parallelize import parallelize
 from megagpt.tokenizer import Tokenizer
-from megagpt.training.metrics import MetricsSink, format_duration, format_rate
-from megagpt.training.optimizer import (
-    Optimizers,
-    build_optimizer,
-    learning_rate,
-    set_learning_rate,
-)
-from megagpt.training.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
-from megagpt.training.steps import dropout_seed, evaluate, microbatch_indices, step_batches
+from megagpt.training.metrics import MetricsSink
+from megagpt.training.preemption import PreemptionHandler
+from megagpt.training.schedule import learning_rate
 from megagpt.training.watchdog import Watchdog
 from megagpt.utils.allocator import keep_freed_memory
-from megagpt.utils.hardware import peak_tflops
+from megagpt.utils.formatting import format_duration, format_rate
+from megagpt.utils.hardware import device_peak
 from megagpt.utils.logging import setup_logging
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MegagptError):
     """The loss or gradient norm became NaN or infinite; nothing was saved from it."""
 
 
@@ -66,21 +67,6 @@ class TrainResult:
     """Steps whose loss or gradient norm was not finite, skipped without an update."""
 
 
-def resolve_precision(config: Config, device: torch.device) -> str:
-    precision = config.train.precision
-    if precision == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16" if bf16_ok else "fp32"
-    return precision
-
-
-def autocast_for(precision: str, device: torch.device):
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    return autocast
-
-
 def train(config: Config) -> TrainResult:
     """Train as configured; call it on every rank (torchrun sets the environment)."""
     timeout = config.train.collective_timeout_s or collective_timeout_s()
@@ -92,10 +78,17 @@ def train(config: Config) -> TrainResult:
         shutdown_distributed(env)
 
 
+def exit_code(result: TrainResult) -> int:
+    """The exit status a finished run reports: REQUEUE_EXIT_CODE after a stop on request
+    (checkpointed; the launcher requeues), else 0."""
+    return REQUEUE_EXIT_CODE if result.preempted else 0
+
+
 class Trainer:
     def __init__(self, config: Config, env):
         self.config, self.env = config, env
         t, device = config.train, env.device
+        check_data_config(config.data)  # before anything is written
         self.output_dir = Path(t.output_dir)
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +97,6 @@ class Trainer:
         if device.type == "cpu":
             keep_freed_memory()  # 1.4-1.7x faster CPU steps; see megagpt/utils/allocator.py
         self.datasets = build_datasets(config.data, t.seed)
-        self.precision = resolve_precision(config, device)
         counts = parameter_counts(config.model)
         log.info(
             "model: %s parameters (%s in blocks), %d layers, hidden %d, %d heads",
@@ -114,41 +106,37 @@ class Trainer:
             config.model.hidden_size,
             config.model.n_heads,
         )
-        self.model = parallelize(config, env)
-        self.model.autocast = autocast_for(self.precision, device)
-        self.optimizer = Optimizers(
-            [
-                build_optimizer(part, config.optim, config.model.tie_embeddings)
-                for part in self.model.parts
-            ]
-        )
+        self.module = parallelize(config, env)
         log_memory(
             "at start-up (gradients and optimizer state as they will be)",
-            memory_bytes(self.model, self.optimizer, expected=True),
+            memory_bytes(self.module, expected=True),
         )
         root = Path(config.checkpoint.dir or self.output_dir / "checkpoints")
-        self.checkpointer = Checkpointer(config, self.model, self.optimizer, root, env.is_main)
+        self.checkpointer = Checkpointer(config, self.module, root, env.is_main)
+        self.nan_skips = 0
         self.start_step, self.sample_offset = self._resume()
-        microbatches = t.global_batch_size // (t.micro_batch_size * self.model.dp_size)
+        microbatches = t.global_batch_size // (t.micro_batch_size * self.module.dp_size)
         log.info(
             "data: %s train samples/epoch, %s valid; %d replica(s) x %d microbatches x "
             "%d sequences of %d tokens",
             f"{len(self.datasets.train):,}",
             f"{len(self.datasets.valid):,}" if self.datasets.valid else "no",
-            self.model.dp_size,
+            self.module.dp_size,
             microbatches,
             t.micro_batch_size,
             config.data.seq_len,
         )
         self.tokens_per_step = t.global_batch_size * config.data.seq_len
-        peak = peak_tflops(device, self.precision, config.logging.peak_tflops) * 1e12
+        precision = self.module.precision
+        self.peak = device_peak(device, precision, config.logging.peak_tflops)
         log.info(
-            "precision %s on %s; MFU against %.1f TFLOP/s per device",
-            self.precision,
+            "precision %s on %s; MFU against %s TFLOP/s per device (%s)",
+            precision,
             device,
-            peak / 1e12,
+            f"{self.peak.tflops:.3g}",
+            self.peak.source,
         )
-        self.peak_flops = peak * env.world_size
+        self.peak_flops = self.peak.tflops * 1e12 * env.world_size
         self.step_flops = flops_per_token(config.model, config.data.seq_len) * (
             self.tokens_per_step
         )
@@ -160,7 +148,6 @@ class Trainer:
     def _resume(self) -> tuple[int, int]:
         """Load the checkpoint that checkpoint.resume selects; return the step to start
         from and the offset that puts the data at the checkpoint's consumed samples."""
-        self.nan_skips = 0
         point = self.checkpointer.resume_point()
         if point is None:
             if self.config.checkpoint.resume not in ("none", "auto"):
@@ -235,9 +222,9 @@ class Trainer:
     ) -> None:
         t = self.config.train
         if not result.memory:
-            result.memory = memory_bytes(self.model, self.optimizer)
+            result.memory = memory_bytes(self.module)
             log_memory("after the first step", result.memory, self.env.device)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.module.zero_grad()
         result.losses.append(loss)
         self.window_steps += 1
         is_last = done == t.max_steps
@@ -254,18 +241,17 @@ class Trainer:
 
     def _step(self, step: int, lr: float) -> tuple[float, float] | None:
         """One optimizer step; (loss, grad norm), or None if it was skipped as non-finite."""
-        set_learning_rate(self.optimizer, lr)
-        t, model = self.config.train, self.model
-        indices = microbatch_indices(step, model, self.config, self.sample_offset)
+        t, module = self.config.train, self.module
+        indices = microbatch_indices(step, module, self.config, self.sample_offset)
         seeds = [dropout_seed(t.seed, int(i[0])) for i in indices]
-        batches = step_batches(self.datasets.train, step, model, self.config, self.sample_offset)
-        loss = model.global_mean(model.train_step(batches, seeds))
-        grad_norm = float(model.clip_grad_norm_(self.config.optim.grad_clip))
+        batches = step_batches(self.datasets.train, step, module, self.config, self.sample_offset)
+        loss = module.global_mean(module.train_step(batches, seeds))
+        grad_norm = float(module.clip_grad_norm_(self.config.optim.grad_clip))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # Loss and norm are global, so every rank takes the same branch.
             if self.nan_skips < t.max_nan_skips:
                 self.nan_skips += 1
-                self.optimizer.zero_grad(set_to_none=True)
+                module.zero_grad()
                 log.warning(
                     "step %d: loss %s, gradient norm %s; skipped without an update "
                     "(%d of train.max_nan_skips = %d)",
@@ -287,14 +273,14 @@ class Trainer:
                 )
             )
         self.checkpointer.before_update()  # a save may still be reading the weights
-        self.optimizer.step()
+        module.optimizer_step(lr)
         return loss, grad_norm
 
     def _maybe_evaluate(self, done: int, is_last: bool, result: TrainResult) -> dict:
         t, valid = self.config.train, self.datasets.valid
         if not (t.eval_interval and valid and (done % t.eval_interval == 0 or is_last)):
             return {}
-        val_loss = evaluate(self.model, valid, self.config)
+        val_loss = self.module.evaluate(valid)
         result.val_losses[done] = val_loss
         val_ppl = math.exp(min(val_loss, 50.0))
         log.info("step %d | validation loss %.4f | perplexity %.2f", done, val_loss, val_ppl)
@@ -305,12 +291,12 @@ class Trainer:
         now = time.perf_counter()
         elapsed = now - self.window_start
         tokens_per_s = self.window_steps * self.tokens_per_step / elapsed
-        mfu = self.window_steps * self.step_flops / elapsed / self.peak_flops
+        mfu = self._mfu(self.window_steps * self.step_flops / elapsed)
         eta = (now - self.started) / (done - self.start_step) * (t.max_steps - done)
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         log.info(
-            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %s tok/s | MFU %.1f%% | "
+            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %s tok/s | MFU %s%.1f%% | "
             "elapsed %s | ETA %s",
             done,
             t.max_steps,
@@ -318,6 +304,7 @@ class Trainer:
             lr,
             grad_norm,
             format_rate(tokens_per_s),
+            "~" if self.peak.measured else "",
             100 * mfu,
             format_duration(now - self.started),
             format_duration(eta),
@@ -335,14 +322,29 @@ class Trainer:
         )
         self.window_start, self.window_steps = time.perf_counter(), 0
 
+    def _mfu(self, achieved_flops: float) -> float:
+        """Model FLOPs utilization of all ranks, at most 1. A peak measured at start-up
+        (CPU) can come out low, on a machine busy at that moment; a rate above it shows
+        the true peak is at least that rate, which is then used from here on."""
+        if achieved_flops > self.peak_flops:
+            log.warning(
+                "achieved %s TFLOP/s per device, above the %s peak of %s; MFU is measured "
+                "against the achieved rate from now on (set logging.peak_tflops to fix it)",
+                f"{achieved_flops / self.env.world_size / 1e12:.3g}",
+                self.peak.source,
+                f"{self.peak_flops / self.env.world_size / 1e12:.3g}",
+            )
+            self.peak_flops = achieved_flops
+        return achieved_flops / self.peak_flops
+
     def _save(self, done: int, loss: float, lr: float) -> None:
-        t, p, dims = self.config.train, self.config.parallel, self.model.dims
+        t, p, dims = self.config.train, self.config.parallel, self.module.dims
         consumed = self.sample_offset + done * t.global_batch_size
         layout = {
-            "tensor": p.tensor_parallel_size,
-            "pipeline": p.pipeline_parallel_size,
-            "data": self.model.dp_size,
-            "zero_stage": dims.zero_stage if dims else 0,
+            "tensor": dims.tp,
+            "pipeline": dims.pp,
+            "data": dims.dp,
+            "zero_stage": dims.zero_stage,
             "virtual_stages": p.virtual_stages,
         }
         self.checkpointer.save(
@@ -352,8 +354,6 @@ class Trainer:
                 "consumed_tokens": consumed * self.config.data.seq_len,
                 "loss": loss,
                 "lr": lr,
-                "lr_schedule": "a function of the step (optim.*)",
-                "loss_scale": None,
                 "world_size": self.env.world_size,
                 "layout": layout,
                 "nan_skips": self.nan_skips,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -17,34 +18,58 @@ _GPU_BF16_TFLOPS = {
     "L4": 121.0,
 }
 
+MEASURE_SECONDS = 0.5
+"""How long the matmul peak is measured for; its best moment counts."""
 
-def peak_tflops(device: torch.device, precision: str, configured: float | None) -> float:
-    """The configured value, else a known GPU's data-sheet peak, else (CPU) the
-    measured throughput of a large matmul in the training dtype."""
+
+@dataclass(frozen=True)
+class Peak:
+    tflops: float
+    """Dense TFLOP/s of one device at the training precision."""
+    source: str
+    """Where the number comes from: configured, data sheet, or measured."""
+
+    @property
+    def measured(self) -> bool:
+        """Measured here (CPU, an unknown GPU): MFU against it is approximate."""
+        return self.source.startswith("measured")
+
+
+def device_peak(device: torch.device, precision: str, configured: float | None) -> Peak:
+    """The configured value, else a known GPU's data-sheet peak, else the measured
+    throughput of a large matmul in the training dtype on the threads training uses."""
     if configured is not None:
-        return configured
+        return Peak(configured, "logging.peak_tflops")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in _GPU_BF16_TFLOPS.items():
             if key in name:
                 # fp32 runs on TF32 tensor cores at half the bf16 rate.
-                return tflops if precision == "bf16" else tflops / 2
-    return measured_matmul_tflops(device, precision)
+                return Peak(tflops if precision == "bf16" else tflops / 2, f"{key} data sheet")
+    threads = torch.get_num_threads()
+    tflops = measured_matmul_tflops(device, precision, threads)
+    return Peak(tflops, f"measured {precision} matmul peak on {threads} threads, approximate")
 
 
 @functools.cache
-def measured_matmul_tflops(device: torch.device, precision: str) -> float:
+def measured_matmul_tflops(device: torch.device, precision: str, threads: int) -> float:
+    """The best rate of single 1024 x 1024 matmuls over MEASURE_SECONDS. The best, not
+    the mean: on a shared machine other work slows some of them down, and a peak that
+    comes out low makes MFU come out high. `threads` keys the cache: it is the number
+    torch uses now, which the measurement runs on."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     n = 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm up
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
+    for _ in range(2):  # warm up: thread pool, caches, GPU clocks
+        a @ b
+    best, samples = float("inf"), 0
+    started = time.perf_counter()
+    while samples < 8 or time.perf_counter() - started < MEASURE_SECONDS:
+        begin = time.perf_counter()
+        a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - start) / 4)
+        best = min(best, time.perf_counter() - begin)
+        samples += 1
     return 2 * n**3 / best / 1e12
