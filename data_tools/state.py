@@ -41,8 +41,7 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
         raise StateError(
-            f"{path} is not valid JSON (damaged outside megagpt?); pass --overwrite to "
-            "start over"
+            f"{path} is not valid JSON (damaged outside megagpt?); pass --overwrite to start over"
         ) from None
 
 

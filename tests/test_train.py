@@ -54,6 +54,17 @@ def test_run_writes_config_metrics_tensorboard_and_checkpoint(tiny_config):
     assert (result.checkpoint / "state" / ".metadata").is_file()
 
 
+def test_mfu_never_exceeds_100_percent(tiny_config, caplog):
+    """A peak below what the run achieves (a CPU peak measured while the machine was
+    busy; here a tiny configured one) is raised to the achieved rate, with a warning."""
+    config = apply_overrides(tiny_config, ["logging.peak_tflops=1e-9"], "test")
+    with caplog.at_level("WARNING"):
+        train(config)
+    mfu = [r["mfu"] for r in read_metrics(config.train.output_dir)]
+    assert max(mfu) <= 1.0 and mfu[0] == 1.0
+    assert any("above the logging.peak_tflops peak" in r.getMessage() for r in caplog.records)
+
+
 def test_training_reduces_the_loss(tiny_config):
     config = apply_overrides(
         tiny_config,
