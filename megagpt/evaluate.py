@@ -46,7 +46,7 @@ def evaluate_checkpoint(
     env = init_distributed(config.train.device)
     try:
         module = parallelize(config, env)
-        load_state(module.parts, None, directory, config.model.tie_embeddings)
+        load_state(module.parts, None, directory, config.model)
         loss = module.evaluate(dataset)
     finally:
         shutdown_distributed(env)

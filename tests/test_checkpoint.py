@@ -23,6 +23,7 @@ from megagpt.checkpoint import (
     read_metadata,
     resolve_checkpoint_dir,
 )
+from megagpt.checkpoint.checksums import checkpoint_problems
 from megagpt.checkpoint.layout import apply_retention, remove_incomplete
 from megagpt.checkpoint.safe_dcp import SafeLoadPlanner
 from megagpt.config import apply_overrides
@@ -237,7 +238,8 @@ def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(
     dataset_prefix, tokenizer, tmp_path
 ):
     """A run saving after every step is SIGKILLed at random moments; afterwards every
-    checkpoint that carries a real name loads, and `latest` names one of them."""
+    checkpoint that carries a real name matches its checksums and loads, and `latest`
+    names one of them (and the next trial takes the dead run's lock over)."""
     rng = random.Random(1234)
     out = tmp_path / "run"
     overrides = tiny_overrides(dataset_prefix, tokenizer, out) + [
@@ -274,7 +276,8 @@ def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(
         partial_seen += any(p.name.endswith(".partial") for p in root.iterdir())
         named = sorted(p for p in root.glob("step_*"))
         assert named, f"trial {trial}: nothing left"
-        for directory in named:  # every visible checkpoint is whole
+        for directory in named:  # every visible checkpoint is whole, to the checksum
+            assert checkpoint_problems(directory) == [], directory
             load_model_for_inference(directory)
         assert resolve_checkpoint_dir(out) in named
     assert partial_seen >= 1, "no kill landed inside a save; the test proved nothing"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 
 from megagpt.checkpoint import layout
+from megagpt.checkpoint.checksums import ChecksummingWriter, checkpoint_sums
 from megagpt.checkpoint.inference import consolidated_state_dict
 from megagpt.checkpoint.layout import CheckpointError
 from megagpt.config import Config, DataConfig, ModelConfig, apply_overrides, save_config
@@ -135,12 +135,14 @@ def write_weights_checkpoint(
     save_config(config, partial / "config.yaml")
     if config.data.tokenizer and Path(config.data.tokenizer).is_file():
         shutil.copyfile(config.data.tokenizer, partial / "tokenizer.model")
-    dcp.save({"model": state}, storage_writer=FileSystemWriter(partial / layout.STATE_DIR))
+    writer = ChecksummingWriter(partial / layout.STATE_DIR)
+    dcp.save({"model": state}, storage_writer=writer)
     metadata = {
         **layout.base_metadata(0),
         "consumed_samples": 0,
         "consumed_tokens": 0,
         "optimizer_state": False,
+        "checksums": checkpoint_sums(partial, [writer.fs.relative_sums(partial)]),
         **extra,
     }
     return layout.publish(partial, root, 0, metadata)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from megagpt.checkpoint.checksums import checkpoint_problems, damaged_error
 from megagpt.checkpoint.layout import read_metadata, resolve_checkpoint_dir
 from megagpt.checkpoint.manager import load_state
 from megagpt.config import Config, load_config
@@ -23,10 +24,13 @@ def load_model_for_inference(path: str | Path, device: torch.device | str = "cpu
     """Build the checkpoint's model on `device`, whatever layout saved it, and load
     its weights; returns (model in eval mode, config, metadata)."""
     directory = resolve_checkpoint_dir(path)
+    problems = checkpoint_problems(directory)
+    if problems:
+        raise damaged_error(directory, problems)
     metadata = read_metadata(directory)
     config = checkpoint_config(directory)
     model = build_model(config.model, device, seed=None)
-    load_state([model], None, directory, config.model.tie_embeddings)
+    load_state([model], None, directory, config.model)
     model.eval()
     return model, config, metadata
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -112,15 +113,36 @@ def remove_incomplete(root: Path) -> list[Path]:
     return removed
 
 
+def _pointed_to(root: Path) -> Path | None:
+    """The checkpoint `latest` names, if it names one of this root's step directories;
+    anything else (a path elsewhere, `..`) is refused rather than followed."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not re.fullmatch(r"step_\d{8}", name):
+        raise CheckpointError(
+            f"{pointer} names {name!r}, which is not a checkpoint directory of {root} "
+            "(step_NNNNNNNN); restore it or delete it (the newest checkpoint is then used)"
+        )
+    return root / name
+
+
+def checkpoints_newest_first(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`: the one `latest` names, then by step, newest
+    first."""
+    complete = sorted((p for p in root.glob("step_*") if (p / METADATA).is_file()), reverse=True)
+    pointed = _pointed_to(root)
+    if pointed is not None and pointed in complete:
+        complete.remove(pointed)
+        complete.insert(0, pointed)
+    return complete
+
+
 def find_latest(root: Path) -> Path | None:
     """The checkpoint `latest` names, or the newest complete one if the pointer is gone."""
-    pointer = root / LATEST
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if (target / METADATA).is_file():
-            return target
-    complete = sorted(p for p in root.glob("step_*") if (p / METADATA).is_file())
-    return complete[-1] if complete else None
+    candidates = checkpoints_newest_first(root)
+    return candidates[0] if candidates else None
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -140,7 +162,17 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
-    metadata = json.loads((directory / METADATA).read_text())
+    path = directory / METADATA
+    try:
+        metadata = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path}: missing; {directory} is not a complete checkpoint"
+        ) from None
+    except ValueError:
+        raise CheckpointError(f"{path} is not valid JSON (cut short or damaged)") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object (damaged)")
     version = metadata.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(

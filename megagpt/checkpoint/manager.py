@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -36,12 +37,20 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from megagpt.checkpoint import layout
+from megagpt.checkpoint.checksums import (
+    ChecksummingWriter,
+    checkpoint_problems,
+    checkpoint_sums,
+    damaged_error,
+)
 from megagpt.checkpoint.layout import CheckpointError
 from megagpt.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, read_index
 from megagpt.checkpoint.state import apply, check_fits, collect, stored_name
-from megagpt.config import Config, save_config
+from megagpt.config import Config, ModelConfig, save_config
+from megagpt.model.build import build_meta_model
 from megagpt.parallel.optimizer import Optimizers
 from megagpt.parallel.train_module import TrainModule
+from megagpt.utils.files import file_sha256, filesystem_of, out_of_space
 
 log = logging.getLogger(__name__)
 # DCP warns that it "assumes a single process" whenever there is no process group.
@@ -68,6 +77,7 @@ class _Pending:
     future: Future | None
     step: int
     partial: Path
+    writer: FileSystemWriter
     metadata: dict[str, Any]
     started: float
     blocked_s: float
@@ -75,15 +85,22 @@ class _Pending:
 
 
 class Checkpointer:
+    """Saves and loads a train module's state under `root` (see the module docstring).
+
+    `checksums=False` writes no per-file CRC-32 (only benchmarks/checkpoint.py does, to
+    measure what checksums cost).
+    """
+
     def __init__(
         self,
         config: Config,
         module: TrainModule,
         root: Path,
         is_main: bool,
+        checksums: bool = True,
     ):
         self.config, self.module = config, module
-        self.root, self.is_main = root, is_main
+        self.root, self.is_main, self.checksums = root, is_main, checksums
         self._pending: _Pending | None = None
         self.last_step: int | None = None  # the step of the newest save started
         # Background writes run their collectives on a group of their own, so they
@@ -112,47 +129,65 @@ class Checkpointer:
         _barrier()
         started = time.perf_counter()
         state = collect(self.module.parts, self.module.optimizers)
-        writer = FileSystemWriter(partial / layout.STATE_DIR, thread_count=4)
+        writer_type = ChecksummingWriter if self.checksums else FileSystemWriter
+        writer = writer_type(partial / layout.STATE_DIR, thread_count=4)
         info = {**layout.base_metadata(step), "optimizer_state": True, **metadata}
-        if self.config.checkpoint.async_save:
-            live = self.module.env.device.type == "cpu"
-            stager = _LiveStateStager() if live else None
-            future = dcp.async_save(
-                state, storage_writer=writer, process_group=self._group, async_stager=stager
-            )
-            blocked = time.perf_counter() - started
-            self._pending = _Pending(future, step, partial, info, started, blocked, live)
-            log.info(
-                "step %d | checkpoint: training blocked %.2fs %s; writing in the background",
-                step,
-                blocked,
-                "to plan the write" if live else "while the state was copied to host",
-            )
-        else:
-            dcp.save(state, storage_writer=writer, process_group=self._group)
-            blocked = time.perf_counter() - started
-            self._pending = _Pending(None, step, partial, info, started, blocked, False)
+        live = self.config.checkpoint.async_save and self.module.env.device.type == "cpu"
+        try:
+            if self.config.checkpoint.async_save:
+                stager = _LiveStateStager() if live else None
+                future = dcp.async_save(
+                    state, storage_writer=writer, process_group=self._group, async_stager=stager
+                )
+            else:
+                future = None
+                dcp.save(state, storage_writer=writer, process_group=self._group)
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+            raise self._save_failed(error, step, partial) from None
+        blocked = time.perf_counter() - started
+        self._pending = _Pending(future, step, partial, writer, info, started, blocked, live)
+        if future is None:
             self.wait()
+            return
+        log.info(
+            "step %d | checkpoint: training blocked %.2fs %s; writing in the background",
+            step,
+            blocked,
+            "to plan the write" if live else "while the state was copied to host",
+        )
 
     def before_update(self) -> None:
         """Call before the optimizer changes the state: a save still reading the live
         tensors is finished first (and the wait counted as blocking time)."""
-        if self._pending is not None and self._pending.live:
+        pending = self._pending
+        if pending is not None and pending.live:
             started = time.perf_counter()
-            self._pending.future.result()
-            self._pending.blocked_s += time.perf_counter() - started
+            self._written(pending)
+            pending.blocked_s += time.perf_counter() - started
+
+    def _written(self, pending: _Pending) -> None:
+        """Wait for this rank's shards of `pending` to be on disk."""
+        if pending.future is None:
+            return
+        try:
+            pending.future.result()
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+            self._pending = None
+            raise self._save_failed(error, pending.step, pending.partial) from None
 
     def wait(self) -> Path | None:
         """Finish the save in flight, if any; return the published directory."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None:
             return None
-        if pending.future is not None:
-            pending.future.result()
-        _barrier(self._group)  # every rank's shards are on disk
+        self._written(pending)
+        self._pending = None
+        sums = self._gather_checksums(pending)  # every rank's shards are on disk
         total = time.perf_counter() - pending.started
         final = self.root / layout.step_dir_name(pending.step)
         if self.is_main:
+            if sums is not None:
+                pending.metadata["checksums"] = sums
             final = layout.publish(pending.partial, self.root, pending.step, pending.metadata)
             cfg = self.config.checkpoint
             for old in layout.apply_retention(self.root, cfg.keep_last, cfg.keep_every):
@@ -167,24 +202,98 @@ class Checkpointer:
         )
         return final
 
+    def _gather_checksums(self, pending: _Pending) -> dict[str, dict] | None:
+        """Every rank's file sums, merged on the main rank (None without checksums);
+        a collective on the checkpoint group, so it also waits for every rank."""
+        mine = pending.writer.fs.relative_sums(pending.partial) if self.checksums else {}
+        gathered: list[dict] = [{}] * dist.get_world_size(self._group)
+        dist.all_gather_object(gathered, mine, group=self._group)  # our own ranks' dicts
+        if not (self.is_main and self.checksums):
+            return None
+        return checkpoint_sums(pending.partial, gathered)
+
+    def _save_failed(self, error: BaseException, step: int, partial: Path) -> BaseException:
+        """The error to raise for a failed save: a one-line CheckpointError when the disk
+        is full (the partial checkpoint removed, the previous one named), else `error`."""
+        if not out_of_space(error, partial):
+            return error
+        if self.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = layout.find_latest(self.root)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "none was saved"
+        return CheckpointError(
+            f"no space left on {filesystem_of(self.root)} while saving step {step} to "
+            f"{self.root}; {kept}. Free space there, or set checkpoint.dir to a larger disk"
+        )
+
     # ------------------------------------------------------------------ load
     def resume_point(self) -> Path | None:
-        """The checkpoint that checkpoint.resume selects, or None to start fresh."""
+        """The checkpoint that checkpoint.resume selects, or None to start fresh. Every
+        candidate is verified against its checksums; with auto, a damaged one is
+        skipped (with a warning) for the newest intact one."""
         resume = self.config.checkpoint.resume
         if resume == "none":
             return None
-        if resume == "auto":
-            return layout.find_latest(self.root)
-        return layout.resolve_checkpoint_dir(resume)
+        if resume != "auto":
+            directory = layout.resolve_checkpoint_dir(resume)
+            problems = self.verify(directory)
+            if problems:
+                raise damaged_error(directory, problems)
+            return directory
+        damaged = []
+        for directory in layout.checkpoints_newest_first(self.root):
+            problems = self.verify(directory)
+            if not problems:
+                for bad, reasons in damaged:
+                    log.warning(
+                        "checkpoint.resume=auto: skipping %s, which is damaged (%s); "
+                        "resuming from %s, the newest intact checkpoint",
+                        bad,
+                        "; ".join(reasons[:3]),
+                        directory,
+                    )
+                return directory
+            damaged.append((directory, problems))
+        if damaged:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.root} to resume from: "
+                + "; ".join(f"{d.name}: {r[0]}" for d, r in damaged)
+            )
+        return None
+
+    def verify(self, directory: Path) -> list[str]:
+        """Every problem of `directory`'s files, each rank checking a share of them; the
+        same list on every rank."""
+        rank, world = dist.get_rank(self._group), dist.get_world_size(self._group)
+        mine = checkpoint_problems(directory, rank, world)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine, group=self._group)
+        if all(part is None for part in gathered):
+            log.warning("%s was written without checksums; its files are not verified", directory)
+            return []
+        return [problem for part in gathered for problem in part or []]
 
     def load(self, directory: Path) -> dict[str, Any]:
         """Load model and optimizer state (any layout) and return the checkpoint's
         metadata (step, consumed samples, ...)."""
         metadata = layout.read_metadata(directory)
+        self._check_tokenizer(directory)
         # An imported checkpoint has weights only: the optimizer starts fresh.
         optimizers = self.module.optimizers if metadata.get("optimizer_state", True) else None
-        load_state(self.module.parts, optimizers, directory, self.config.model.tie_embeddings)
+        partial = self.config.checkpoint.partial_load
+        load_state(self.module.parts, optimizers, directory, self.config.model, partial)
         return metadata
+
+    def _check_tokenizer(self, directory: Path) -> None:
+        """A resume must tokenize as the checkpoint's model learned to: the next
+        checkpoint would otherwise store the new tokenizer with the old weights."""
+        ours, theirs = self.config.data.tokenizer, directory / "tokenizer.model"
+        if ours and theirs.is_file() and file_sha256(ours) != file_sha256(theirs):
+            raise CheckpointError(
+                f"{directory} was trained with the tokenizer {theirs}, but data.tokenizer = "
+                f"{ours} is a different one (the files differ); resume with "
+                f"data.tokenizer={theirs}, or start a new run in another train.output_dir"
+            )
 
 
 def _barrier(group=None) -> None:
@@ -192,11 +301,18 @@ def _barrier(group=None) -> None:
 
 
 def load_state(
-    parts: list[nn.Module], optimizers: Optimizers | None, directory: Path, tie_embeddings: bool
+    parts: list[nn.Module],
+    optimizers: Optimizers | None,
+    directory: Path,
+    model_config: ModelConfig,
+    partial: bool = False,
 ) -> None:
     """Fill the model `parts` (and `optimizers`, if given) from the checkpoint in
     `directory`. Without optimizers (inference, export) no process group is needed.
 
+    The checkpoint must hold exactly the tensors of the model `model_config` describes,
+    whatever part of it this rank holds; with `partial`, only those of the same name
+    and shape are loaded (see check_fits) and the optimizer is left fresh.
     DCP loads tensors in place into the state dict we pass, resharding them for this
     layout; entries are requested under the names they were stored with.
     """
@@ -204,14 +320,20 @@ def load_state(
     stored = {
         k: getattr(v, "size", None) for k, v in read_index(state_dir).state_dict_metadata.items()
     }
+    whole = {k: tuple(v.shape) for k, v in build_meta_model(model_config).state_dict().items()}
+    tie = model_config.tie_embeddings
+    skipped = check_fits(whole, stored, directory, tie, partial)
+    if skipped:
+        optimizers = None
     state = collect(parts, optimizers) if optimizers is not None else {"model": _model_state(parts)}
-    check_fits(state, stored, directory)
     request, missing = {}, []
     for section, entries in state.items():
         for key, value in entries.items():
             if section == "optimizer" and not key.startswith("state."):
                 continue  # hyperparameters come from the current config
-            name = stored_name(f"{section}.{key}", stored, tie_embeddings)
+            if section == "model" and key in skipped:
+                continue
+            name = stored_name(f"{section}.{key}", stored, tie)
             if name is not None:
                 request[name] = value
             elif section != "rng":  # RNG states only carry over to the same layout

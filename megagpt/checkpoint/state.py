@@ -8,6 +8,8 @@ also stores its RNG state; it is restored when the layout is unchanged.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 from megagpt.checkpoint.layout import CheckpointError
 from megagpt.parallel.optimizer import Optimizers
 
+log = logging.getLogger(__name__)
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 TIED_COPY, TIED_SOURCE = "lm_head.weight", "embed_tokens.weight"
 
@@ -83,27 +86,47 @@ def stored_name(name: str, stored: dict, tie_embeddings: bool) -> str | None:
     return None
 
 
-def check_fits(template: dict, stored: dict[str, tuple[int, ...] | None], source) -> None:
-    """Raise a CheckpointError listing every model tensor that is missing or differs in
-    shape (the global, unsharded shape) between the checkpoint and this model."""
-    problems = []
-    for key, value in template["model"].items():
-        full = f"model.{key}"
-        if full not in stored:
+def check_fits(
+    expected: dict[str, tuple[int, ...]],
+    stored: dict[str, tuple[int, ...] | None],
+    source,
+    tie_embeddings: bool,
+    partial: bool = False,
+) -> set[str]:
+    """Compare the whole model's tensors (`expected`: name -> global shape) with the
+    checkpoint's. Any tensor missing on either side, or of another shape, is a
+    CheckpointError listing them all; with `partial`, those differences are logged
+    instead and their names returned, to be left as initialized."""
+    problems, skipped = [], set()
+    for key, shape in expected.items():
+        name = stored_name(f"model.{key}", stored, tie_embeddings)
+        if name is None:
             problems.append(f"missing {key}")
-        elif stored[full] is not None and tuple(stored[full]) != tuple(value.shape):
-            problems.append(
-                f"{key}: checkpoint {tuple(stored[full])} vs model {tuple(value.shape)}"
-            )
-    extra = sorted(
-        k[len("model.") :]
+            skipped.add(key)
+        elif stored[name] is not None and tuple(stored[name]) != tuple(shape):
+            problems.append(f"{key}: checkpoint {tuple(stored[name])} vs model {tuple(shape)}")
+            skipped.add(key)
+    problems += sorted(
+        f"unexpected {k[len('model.') :]}"
         for k in stored
-        if k.startswith("model.") and k[len("model.") :] not in template["model"]
+        if k.startswith("model.") and k[len("model.") :] not in expected
     )
-    if problems:
-        problems += [f"unexpected {k}" for k in extra]
-        raise CheckpointError(
-            f"{source} does not fit the configured model ({len(problems)} tensors): "
-            + "; ".join(problems[:20])
-            + (" ..." if len(problems) > 20 else "")
+    if not problems:
+        return set()
+    listing = "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else "")
+    if partial:
+        log.warning(
+            "checkpoint.partial_load: %s differs from the model in %d tensors (%s); "
+            "the model's own initial values are kept for those, and the optimizer starts "
+            "fresh",
+            source,
+            len(problems),
+            listing,
         )
+        return skipped
+    raise CheckpointError(
+        f"{source} does not fit the configured model ({len(problems)} tensors differ): "
+        f"{listing}. Resume with the model the checkpoint was trained with (its "
+        "config.yaml), or set checkpoint.partial_load=true to load only the tensors "
+        "that match"
+    )

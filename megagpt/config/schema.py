@@ -254,6 +254,12 @@ class CheckpointConfig:
     in checkpoint.dir, or fresh if there is none), or a checkpoint directory. Any
     layout can resume from any other."""
 
+    partial_load: bool = False
+    """Resume even where the checkpoint's tensors and the model's differ (another
+    n_layers, a changed vocabulary): tensors of the same name and shape are loaded, the
+    others keep their fresh initial values, the optimizer starts fresh, and every
+    difference is logged. Off, any difference stops the run with the list."""
+
     async_save: bool = True
     """Write checkpoints in the background: training waits only while the state is
     copied to host memory."""
