@@ -25,11 +25,14 @@ from data_tools.cleaning import CleaningOptions
 from data_tools.dedup import HASH_DTYPE, DedupIndex
 from data_tools.progress import Progress
 from data_tools.shards import ShardedOutput
-from data_tools.sources import read_file_batches
-from data_tools.state import RunState, atomic_write_json, file_sha256
+from data_tools.sources import InputError, read_file_batches
+from data_tools.state import RunState, atomic_write_json
 from data_tools.stats import Counts
 from data_tools.worker import WorkerSettings, worker_main
 from megagpt.data.indexed import token_dtype
+from megagpt.tokenizer import Tokenizer
+from megagpt.utils.files import file_sha256
+from megagpt.utils.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +108,27 @@ def reader_main(
 
 def run_preprocess(options: PreprocessOptions) -> dict:
     """Run (or resume) a preprocessing job; return the summary written next to the output."""
+    with output_lock(options.output_prefix):
+        return _run_preprocess(options)
+
+
+def output_lock(prefix: str) -> RunLock:
+    """The lock that keeps a second job from writing into the same prefix."""
+    directory = Path(prefix).parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(
+            f"--output-prefix {prefix}: cannot create {directory} ({error.strerror})"
+        ) from None
+    return RunLock(f"{prefix}.lock", "megagpt-preprocess", "choose another --output-prefix")
+
+
+def _run_preprocess(options: PreprocessOptions) -> dict:
     started = time.perf_counter()
     state = RunState(options.output_prefix)
     state.open(options.fingerprint(), options.overwrite)
-    import sentencepiece as spm
-
-    vocab_size = spm.SentencePieceProcessor(model_file=options.tokenizer).get_piece_size()
+    vocab_size = Tokenizer(options.tokenizer).vocab_size
     dtype = token_dtype(vocab_size)
     markers = state.completed()
     start = markers[-1]["next_position"] if markers else [0, 0]
@@ -244,6 +262,7 @@ def _write_outputs(
     ]
     manifest = {
         "tokenizer": str(Path(options.tokenizer).resolve()),
+        "tokenizer_sha256": file_sha256(options.tokenizer),
         "vocab_size": vocab_size,
         "dtype": str(dtype),
         "eod_appended": True,

@@ -16,7 +16,6 @@ moment leaves either the old state or the new one.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -43,14 +42,6 @@ def read_json(path: Path) -> Any:
         raise StateError(
             f"{path} is not valid JSON (damaged outside megagpt?); pass --overwrite to start over"
         ) from None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class RunState:

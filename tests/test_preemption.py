@@ -22,6 +22,20 @@ def test_a_signal_to_this_process_is_recorded_and_stops_it(sig):
     assert signal.getsignal(sig) == before
 
 
+def test_ctrl_c_stops_after_the_step_and_a_second_one_at_once():
+    with PreemptionHandler((signal.SIGINT,)) as preemption:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: recorded, no KeyboardInterrupt
+        assert preemption.should_stop(1) and preemption.decided == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # pressed again while the checkpoint saves
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0.1)  # let the handler run
+    with PreemptionHandler((signal.SIGINT,)) as preemption:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):  # twice before the step ends
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0.1)
+
+
 def test_check_interval_skips_steps_between_checks():
     with PreemptionHandler(check_interval=5) as preemption:
         os.kill(os.getpid(), signal.SIGUSR1)

@@ -49,6 +49,8 @@ class PreemptionHandler:
         self.check_interval = check_interval
         self.device = device
         self.received: signal.Signals | None = None
+        self.decided: signal.Signals | None = None
+        """The stop signal all ranks agreed on, once should_stop said True."""
         self._previous: dict[signal.Signals, object] = {}
 
     def install(self) -> PreemptionHandler:
@@ -74,6 +76,8 @@ class PreemptionHandler:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: the handler can run in the middle of any bytecode, so it must not
         # take locks (logging) or touch the model.
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
         if self.received is None:
             self.received = signal.Signals(signum)
 
@@ -94,6 +98,7 @@ class PreemptionHandler:
         signum = _max_over_ranks(signum, self.device)
         if not signum:
             return False
+        self.decided = signal.Signals(signum)
         log.warning(
             "step %d: %s received (this rank: %s); stopping after this step",
             step,
@@ -103,8 +108,10 @@ class PreemptionHandler:
         # Stop signals come in copies (SLURM, the batch shell, the torchrun agent). At
         # interpreter exit Python resets its handlers to the default action, which for
         # SIGUSR1 is death: a late copy would turn a clean exit into "killed by signal".
+        # Ctrl-C is a person: pressed again while the checkpoint is saved, it aborts.
         for sig in self.signals:
-            signal.signal(sig, signal.SIG_IGN)
+            quit_now = sig == signal.SIGINT
+            signal.signal(sig, signal.default_int_handler if quit_now else signal.SIG_IGN)
         return True
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from megagpt.checkpoint import Checkpointer
 from megagpt.config import Config, ConfigError, save_config
-from megagpt.contract import REQUEUE_EXIT_CODE
+from megagpt.contract import REQUEUE_EXIT_CODE, STOP_SIGNALS
 from megagpt.data import build_datasets, check_data_config
 from megagpt.errors import MegagptError
 from megagpt.model.flops import flops_per_token, parameter_counts
@@ -34,6 +35,7 @@ from megagpt.parallel.memory import log_memory, memory_bytes
 from megagpt.parallel.parallelize import parallelize
 from megagpt.tokenizer import Tokenizer
 from megagpt.training.metrics import MetricsSink
+from megagpt.training.outputs import locked_outputs
 from megagpt.training.preemption import PreemptionHandler
 from megagpt.training.schedule import learning_rate
 from megagpt.training.watchdog import Watchdog
@@ -62,7 +64,9 @@ class TrainResult:
     start_step: int = 0
     """The step this run started from (non-zero after a resume)."""
     preempted: bool = False
-    """The run stopped early on SIGUSR1/SIGTERM, after saving a checkpoint."""
+    """The run stopped early on SIGUSR1/SIGTERM or Ctrl-C, after saving a checkpoint."""
+    stop_signal: str | None = None
+    """The signal that stopped it early (SIGUSR1, SIGTERM, SIGINT), if any."""
     skipped_steps: list[int] = field(default_factory=list)
     """Steps whose loss or gradient norm was not finite, skipped without an update."""
 
@@ -73,27 +77,28 @@ def train(config: Config) -> TrainResult:
     env = init_distributed(config.train.device, timeout_s=timeout)
     setup_logging(env.rank, config.logging.level, config.logging.all_ranks)
     try:
-        return Trainer(config, env).run()
+        with locked_outputs(config, env):  # one run per output directory
+            return Trainer(config, env).run()
     finally:
         shutdown_distributed(env)
 
 
 def exit_code(result: TrainResult) -> int:
     """The exit status a finished run reports: REQUEUE_EXIT_CODE after a stop on request
-    (checkpointed; the launcher requeues), else 0."""
-    return REQUEUE_EXIT_CODE if result.preempted else 0
+    (checkpointed; the launcher requeues), 130 after Ctrl-C (checkpointed too; as a
+    shell reports an interrupted command), else 0."""
+    if not result.preempted:
+        return 0
+    return 128 + signal.SIGINT if result.stop_signal == "SIGINT" else REQUEUE_EXIT_CODE
 
 
 class Trainer:
     def __init__(self, config: Config, env):
         self.config, self.env = config, env
         t, device = config.train, env.device
-        check_data_config(config.data)  # before anything is written
-        self.output_dir = Path(t.output_dir)
-        if env.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output_dir / "config.yaml")
+        check_data_config(config.data)
         _check_tokenizer(config)
+        self.output_dir = Path(t.output_dir)  # created and locked by locked_outputs
         if device.type == "cpu":
             keep_freed_memory()  # 1.4-1.7x faster CPU steps; see megagpt/utils/allocator.py
         self.datasets = build_datasets(config.data, t.seed)
@@ -140,6 +145,8 @@ class Trainer:
         self.step_flops = flops_per_token(config.model, config.data.seq_len) * (
             self.tokens_per_step
         )
+        if env.is_main:  # only now: a run refused above must not replace its config
+            save_config(config, self.output_dir / "config.yaml")
         resumed = self.start_step if self.start_step else None
         self.sink = MetricsSink(
             self.output_dir, env.is_main, config.logging.tensorboard, resume_step=resumed
@@ -173,9 +180,11 @@ class Trainer:
     def run(self) -> TrainResult:
         t = self.config.train
         result = TrainResult(start_step=self.start_step)
-        # A stop request (SLURM's time-limit warning, scancel, preemption) ends the run
-        # after the current step with a checkpoint; every rank decides together.
-        preemption = PreemptionHandler(device=self.env.device.type).install()
+        # A stop request (SLURM's time-limit warning, scancel, preemption, Ctrl-C) ends
+        # the run after the current step with a checkpoint; every rank decides together.
+        preemption = PreemptionHandler(
+            (*STOP_SIGNALS, signal.SIGINT), device=self.env.device.type
+        ).install()
         watchdog = (
             Watchdog(multiple=t.watchdog_multiple, min_timeout_s=t.watchdog_min_timeout_s)
             if t.watchdog_multiple > 0
@@ -198,12 +207,20 @@ class Trainer:
                     if self.checkpointer.last_step != done:
                         self._save(done, result.losses[-1] if result.losses else math.nan, lr)
                     result.preempted = True
-                    log.warning(
-                        "step %d | stopped on request after saving a checkpoint; "
-                        "exit code %d asks the launcher to requeue",
-                        done,
-                        REQUEUE_EXIT_CODE,
-                    )
+                    result.stop_signal = preemption.decided.name
+                    if result.stop_signal == "SIGINT":
+                        log.warning(
+                            "step %d | interrupted (Ctrl-C): checkpoint saved; continue with "
+                            "checkpoint.resume=auto",
+                            done,
+                        )
+                    else:
+                        log.warning(
+                            "step %d | stopped on request after saving a checkpoint; "
+                            "exit code %d asks the launcher to requeue",
+                            done,
+                            REQUEUE_EXIT_CODE,
+                        )
                     break
             result.checkpoint = self.checkpointer.wait()
         except NonFiniteLossError:
