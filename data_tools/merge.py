@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,20 +42,53 @@ def manifest_prefixes(manifest: Path) -> list[str]:
 
 def input_prefixes(patterns: Sequence[str], manifest: str | None) -> list[str]:
     """Dataset prefixes from paths/globs (of prefixes, .bin or .idx files) and a manifest."""
-    prefixes: list[str] = []
-    if manifest:
-        prefixes.extend(manifest_prefixes(Path(manifest)))
+    candidates = manifest_prefixes(Path(manifest)) if manifest else []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
             raise IndexedDatasetError(f"{pattern!r} matches no file")
-        for match in matches:
-            prefix = match[:-4] if match.endswith((".bin", ".idx")) else match
-            if prefix not in prefixes:
-                prefixes.append(prefix)
+        candidates += [m[:-4] if m.endswith((".bin", ".idx")) else m for m in matches]
+    # One dataset named twice (x, ./x, x//, a link to x) is merged once.
+    prefixes, seen = [], set()
+    for prefix in candidates:
+        if os.path.realpath(prefix) not in seen:
+            seen.add(os.path.realpath(prefix))
+            prefixes.append(prefix)
     if not prefixes:
         raise IndexedDatasetError("no input datasets: give prefixes, globs or --manifest")
     return prefixes
+
+
+def recorded_tokenizer(prefix: str) -> tuple[str, str, str] | None:
+    """(identity, tokenizer path, manifest) for a dataset made by megagpt-preprocess,
+    whose manifest (<P>.manifest.json, beside its shards P_00000, ...) records the
+    tokenizer; the identity is the tokenizer's SHA-256 where recorded, else its path."""
+    real = os.path.realpath(prefix)
+    base = re.sub(r"_\d{5}$", "", prefix)
+    for manifest in dict.fromkeys([f"{prefix}.manifest.json", f"{base}.manifest.json"]):
+        try:
+            data = json.loads(Path(manifest).read_text(encoding="utf-8"))
+            listed = {os.path.realpath(p) for p in data.get("data_path", [])}
+            tokenizer = data.get("tokenizer")
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue  # no manifest there, or not one we can read: nothing recorded
+        if real in listed and tokenizer:
+            return str(data.get("tokenizer_sha256") or tokenizer), tokenizer, manifest
+    return None
+
+
+def check_same_tokenizer(prefixes: list[str]) -> None:
+    """Refuse inputs whose manifests record different tokenizers: their token ids mean
+    different things, and a merged dataset would train on nonsense."""
+    known = [(p, t) for p in prefixes if (t := recorded_tokenizer(p)) is not None]
+    for prefix, (identity, tokenizer, manifest) in known[1:]:
+        first, (first_identity, first_tokenizer, first_manifest) = known[0]
+        if identity != first_identity:
+            raise IndexedDatasetError(
+                f"inputs were tokenized with different tokenizers: {first} with "
+                f"{first_tokenizer} (per {first_manifest}), {prefix} with {tokenizer} "
+                f"(per {manifest}); merge only datasets made with one tokenizer"
+            )
 
 
 def group_by_tokens(
@@ -79,6 +114,7 @@ def merge(
 ) -> list[tuple[str, int, int, int]]:
     """Merge datasets; return (prefix, documents, tokens, inputs) of each output (one
     unless shard_tokens splits them)."""
+    check_same_tokenizer(prefixes)
     datasets = [IndexedDataset(p) for p in prefixes]
     dtypes = {d.dtype for d in datasets}
     if len(dtypes) > 1:

@@ -19,6 +19,7 @@ from data_tools.cleaning import CleaningOptions
 from data_tools.cli import run_tool, setup_logging
 from data_tools.pipeline import PreprocessOptions, run_preprocess
 from data_tools.sources import SUPPORTED, InputError, expand_inputs
+from megagpt.tokenizer import Tokenizer
 
 DEFAULTS = CleaningOptions()
 
@@ -93,6 +94,7 @@ def options_from_args(args: argparse.Namespace) -> PreprocessOptions:
         raise InputError(
             f"--tokenizer {args.tokenizer}: no such file (train one with megagpt-train-tokenizer)"
         )
+    Tokenizer(args.tokenizer)  # a file that is not a tokenizer fails here, before any output
     return PreprocessOptions(
         inputs=expand_inputs(args.inputs),
         output_prefix=args.output_prefix,

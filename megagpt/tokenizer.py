@@ -13,10 +13,14 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from megagpt.errors import MissingFileError
+from megagpt.errors import MegagptError, MissingFileError
 from megagpt.utils.files import atomic_write
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+
+class TokenizerError(MegagptError):
+    """A file named as a tokenizer is not one."""
 
 
 class Tokenizer:
@@ -29,7 +33,13 @@ class Tokenizer:
                 f"tokenizer model {self.path} does not exist; train one with "
                 "Tokenizer.train(...) or megagpt-train-tokenizer, or set data.tokenizer"
             )
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as error:  # "could not parse ModelProto", ...
+            raise TokenizerError(
+                f"{self.path} is not a sentencepiece model ({str(error).strip()}); give the "
+                ".model file that megagpt-train-tokenizer (or sentencepiece) wrote"
+            ) from None
 
     @property
     def vocab_size(self) -> int:
