@@ -97,6 +97,17 @@ def _add_import(sub) -> None:
     hf.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}, stored in its config")
 
 
+def _add_checkpoint(sub) -> None:
+    p = sub.add_parser("checkpoint", help="inspect checkpoints without loading a model")
+    actions = p.add_subparsers(dest="action", required=True)
+    verify = actions.add_parser(
+        "verify", help="check every file of a checkpoint against its recorded CRC-32 and size"
+    )
+    verify.add_argument(
+        "directory", help="a step_N/ checkpoint, or a checkpoints/ root or run directory (all)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megagpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config,
         _add_export,
         _add_import,
+        _add_checkpoint,
     ):
         add(sub)
     add_launch_commands(sub)
@@ -135,11 +147,28 @@ def _train(args) -> int:
     return exit_code(train(load_config(args.config, args.overrides)))
 
 
+def _check_sampling(args) -> None:
+    """Sampling flags out of their range are errors, never silently "off"."""
+    from megagpt.config import ConfigError
+
+    for flag, ok, requirement in (
+        ("--temperature", args.temperature >= 0, "must be >= 0 (0 is greedy decoding)"),
+        ("--top-k", args.top_k >= 0, "must be >= 0 (0 keeps every token)"),
+        ("--top-p", 0 < args.top_p <= 1, "must be in (0, 1] (1 keeps every token)"),
+        ("--max-new-tokens", args.max_new_tokens >= 0, "must be >= 0"),
+        ("--num-samples", args.num_samples >= 1, "must be at least 1"),
+    ):
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise ConfigError(f"{flag} {value}: {requirement}")
+
+
 def _generate(args) -> None:
     from megagpt.checkpoint import CheckpointError, load_model_for_inference
     from megagpt.generate import generate_text
     from megagpt.tokenizer import Tokenizer
 
+    _check_sampling(args)
     model, config, _ = load_model_for_inference(args.checkpoint, args.device)
     if not config.data.tokenizer:
         raise CheckpointError(
@@ -162,6 +191,25 @@ def _generate(args) -> None:
         print(text)
         if args.num_samples > 1:
             print("-" * 40)
+
+
+def _checkpoint(args) -> int:
+    from megagpt.checkpoint import CheckpointError, verify_checkpoints
+
+    results = verify_checkpoints(args.directory)
+    for directory, problems in results:
+        if problems is None:
+            print(f"{directory}: written without checksums; not verified")
+        elif problems:
+            print(f"{directory}: DAMAGED")
+            for problem in problems:
+                print(f"    {problem}")
+        else:
+            print(f"{directory}: ok")
+    damaged = [str(d) for d, problems in results if problems]
+    if damaged:
+        raise CheckpointError(f"{len(damaged)} damaged checkpoint(s): {', '.join(damaged)}")
+    return 0
 
 
 def _eval(args) -> None:
@@ -202,10 +250,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": _config,
         "export": _export,
         "import": _import,
+        "checkpoint": _checkpoint,
         "launch": run_launch,
         "sweep-report": run_sweep_report,
     }
-    return report_user_errors(f"megagpt {args.command}", lambda: handlers[args.command](args))
+    program = f"megagpt {args.command}"
+    try:
+        return report_user_errors(program, lambda: handlers[args.command](args))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training's own handling
+        print(f"{program}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@ paths produce the same tokens, which a test checks.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from megagpt.config.errors import ConfigError
 from megagpt.model.gpt import GPT
 from megagpt.model.kv_cache import KVCache
 from megagpt.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -128,6 +132,15 @@ def generate_text(
         raise ConfigError(
             f"the prompt is {len(prompt_ids)} tokens; the model takes at most "
             f"{model.config.max_seq_len} (model.max_seq_len): shorten the prompt"
+        )
+    if max_new_tokens > room:
+        log.warning(
+            "max_new_tokens = %d cut to %d: the model takes %d positions "
+            "(model.max_seq_len) and the prompt uses %d",
+            max_new_tokens,
+            room,
+            model.config.max_seq_len,
+            len(prompt_ids),
         )
     device = next(model.parameters()).device
     batch = torch.tensor([prompt_ids] * num_samples, device=device)

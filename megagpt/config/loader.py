@@ -38,17 +38,18 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path is not None:
         file = resolve_config_path(path)
         tree = _read_yaml(file)
-    _merge_overrides(tree, overrides)
-    config = config_from_dict(tree, source=str(path) if path else "command line")
+    given = _merge_overrides(tree, overrides)
+    config = config_from_dict(tree, str(path) if path else "defaults", given)
     validate_config(config)
     return config
 
 
 def apply_overrides(config: Config, overrides: typing.Sequence[str], source: str) -> Config:
-    """A new Config: `config` with "section.key=value" overrides applied and validated."""
+    """A new Config: `config` (described by `source` in errors) with "section.key=value"
+    overrides applied and validated."""
     tree = config_to_dict(config)
-    _merge_overrides(tree, overrides)
-    config = config_from_dict(tree, source=source)
+    given = _merge_overrides(tree, overrides)
+    config = config_from_dict(tree, source, given)
     validate_config(config)
     return config
 
@@ -81,10 +82,14 @@ def _read_yaml(file: Path) -> dict[str, Any]:
     return data
 
 
-def _merge_overrides(tree: dict[str, Any], overrides: typing.Sequence[str]) -> None:
+def _merge_overrides(tree: dict[str, Any], overrides: typing.Sequence[str]) -> set[str]:
+    """Set each override in `tree`; return the dotted keys they set."""
+    given = set()
     for item in overrides:
         key, value = _split_override(item)
         _set_dotted(tree, key, value, source="command line")
+        given.add(key)
+    return given
 
 
 def _split_override(item: str) -> tuple[str, str]:
@@ -107,15 +112,27 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None
     node[leaf] = value
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
-    """Build a Config from a nested dict; missing keys keep their defaults."""
-    return _build(Config, tree, prefix="", source=source)
+def config_from_dict(
+    tree: dict[str, Any], source: str = "<dict>", command_line: typing.Collection[str] = ()
+) -> Config:
+    """Build a Config from a nested dict; missing keys keep their defaults.
+
+    Errors name where a value came from: "command line" for the dotted keys in
+    `command_line` (and the sections above them), `source` for the rest.
+    """
+
+    def source_of(key: str) -> str:
+        given = any(k == key or k.startswith(key + ".") for k in command_line)
+        return "command line" if given else source
+
+    return _build(Config, tree, prefix="", source_of=source_of)
 
 
-def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, source_of: typing.Callable[[str], str]) -> Any:
     if not isinstance(data, dict):
+        section = prefix.rstrip(".") or "config"
         raise ConfigError(
-            f"{prefix.rstrip('.') or 'config'} ({source}): expected a mapping of keys, got {data!r}"
+            f"{section} ({source_of(section)}): expected a mapping of keys, got {data!r}"
         )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -124,7 +141,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else "."
             raise ConfigError(
-                f"unknown key {prefix}{key} ({source}){hint} "
+                f"unknown key {prefix}{key} ({source_of(f'{prefix}{key}')}){hint} "
                 f"Known keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
                 f"{', '.join(fields)}"
             )
@@ -135,9 +152,9 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         hint = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, data[name], prefix=f"{key}.", source=source)
+            values[name] = _build(hint, data[name], prefix=f"{key}.", source_of=source_of)
         else:
-            values[name] = _coerce(data[name], hint, key, source)
+            values[name] = _coerce(data[name], hint, key, source_of(key))
     return cls(**values)
 
 
