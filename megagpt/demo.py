@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -20,14 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
-from megagpt.config import Config, load_config, save_config
+from megagpt.config import Config, apply_overrides, load_config, save_config
 from megagpt.config.errors import ConfigError
 from megagpt.data.indexed import IndexedDatasetWriter, token_dtype
 from megagpt.demo_corpus import python_documentation
 from megagpt.launch.errors import LaunchError
 from megagpt.tokenizer import Tokenizer
+from megagpt.utils.formatting import format_duration, format_rate
 
 MARKER = ".megagpt-demo"
+TRAIN_SECONDS = 150
+"""About how long training takes on any machine (README: the demo takes about three
+minutes on two cores, with data preparation and generation)."""
+CALIBRATION_STEPS = 12
+MIN_STEPS = 60
+"""Fewest steps the demo shortens to: the validation loss still falls visibly."""
 DEMO_VOCAB = 4096
 PROMPTS = ("The list", "A module")
 
@@ -96,7 +104,7 @@ def demo_config(output_dir: Path, overrides: Sequence[str]) -> Config:
     return load_config(None, [*base, *overrides])
 
 
-def run_training(config_path: Path, config: Config, nproc: int) -> None:
+def run_training(config_path: Path, config: Config, nproc: int, announce: bool = True) -> None:
     """Train in this process, or on `nproc` ranks through `megagpt launch local` (the
     torchrun agent every launch uses)."""
     if nproc == 1:
@@ -105,12 +113,64 @@ def run_training(config_path: Path, config: Config, nproc: int) -> None:
         train(config)
         return
     command = ["launch", "local", "--nproc", str(nproc), "--config", str(config_path)]
-    say(f"      launching: megagpt {' '.join(command)}")
+    if announce:
+        say(f"      launching: megagpt {' '.join(command)}")
     done = subprocess.run([sys.executable, "-m", "megagpt", *command])
     if done.returncode != 0:
         raise LaunchError(
             f"training on {nproc} processes failed (exit code {done.returncode}); its log is above"
         )
+
+
+def size_to_machine(out: Path, config: Config, nproc: int, overrides: Sequence[str]) -> Config:
+    """The demo's config, its run shortened to take about TRAIN_SECONDS here.
+
+    The throughput comes from a few calibration steps of the same model and layout;
+    max_steps, warmup and the evaluation interval shrink in proportion, so the run has
+    the same schedule shape, only fewer steps. An explicit train.max_steps is kept.
+    """
+    t = config.train
+    if any(o.startswith("train.max_steps=") for o in overrides):
+        return config
+    scratch = out / "calibration"
+    calibration = apply_overrides(
+        config,
+        [
+            f"train.output_dir={scratch}",
+            f"train.max_steps={CALIBRATION_STEPS}",
+            "train.eval_interval=0",
+            "logging.log_interval=1",
+            "logging.tensorboard=false",
+            "logging.level=WARNING",
+        ],
+        "demo calibration",
+    )
+    save_config(calibration, out / "calibration.yaml")
+    run_training(out / "calibration.yaml", calibration, nproc, announce=False)
+    metrics = [json.loads(line) for line in open(scratch / "metrics.jsonl")]
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in metrics[2:])  # warm steps
+    shutil.rmtree(scratch)
+    (out / "calibration.yaml").unlink()
+    seconds_per_step = t.global_batch_size * config.data.seq_len / tokens_per_s
+    steps = max(MIN_STEPS, min(t.max_steps, int(TRAIN_SECONDS / seconds_per_step)))
+    if steps == t.max_steps:
+        return config
+    scale = steps / t.max_steps
+    say(
+        f"      this machine trains {format_rate(tokens_per_s)} tokens/s: {steps} of "
+        f"{t.max_steps} steps (warmup and evaluations scaled alike) to finish in about "
+        f"{format_duration(steps * seconds_per_step)}; add train.max_steps={t.max_steps} "
+        "for them all"
+    )
+    return apply_overrides(
+        config,
+        [
+            f"train.max_steps={steps}",
+            f"optim.warmup_steps={max(1, round(config.optim.warmup_steps * scale))}",
+            f"train.eval_interval={max(1, round(t.eval_interval * scale))}",
+        ],
+        "demo, sized to this machine",
+    )
 
 
 def run_demo(
@@ -125,6 +185,7 @@ def run_demo(
     (out / "data").mkdir()
     prefix, tokenizer_path = Path(config.data.path[0]), Path(config.data.tokenizer)
     tokenizer = build_data(out / "data", prefix, tokenizer_path, seed)
+    config = size_to_machine(out, config, nproc, overrides)
     config_path = out / "demo.yaml"
     save_config(config, config_path)
     m, t = config.model, config.train
