@@ -101,7 +101,7 @@ def _add_checkpoint(sub) -> None:
     p = sub.add_parser("checkpoint", help="inspect checkpoints without loading a model")
     actions = p.add_subparsers(dest="action", required=True)
     verify = actions.add_parser(
-        "verify", help="check every file of a checkpoint against its recorded CRC-32 and size"
+        "verify", help="check every file of a checkpoint against its recorded XXH3-64 and size"
     )
     verify.add_argument(
         "directory", help="a step_N/ checkpoint, or a checkpoints/ root or run directory (all)"

@@ -87,7 +87,7 @@ class _Pending:
 class Checkpointer:
     """Saves and loads a train module's state under `root` (see the module docstring).
 
-    `checksums=False` writes no per-file CRC-32 (only benchmarks/checkpoint.py does, to
+    `checksums=False` writes no per-file XXH3-64 hashes (only benchmarks/checkpoint.py does, to
     measure what checksums cost).
     """
 

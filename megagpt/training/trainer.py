@@ -73,6 +73,8 @@ class TrainResult:
 
 def train(config: Config) -> TrainResult:
     """Train as configured; call it on every rank (torchrun sets the environment)."""
+    check_data_config(config.data)  # settings and tokenizer: before anything is written
+    _check_tokenizer(config)
     timeout = config.train.collective_timeout_s or collective_timeout_s()
     env = init_distributed(config.train.device, timeout_s=timeout)
     setup_logging(env.rank, config.logging.level, config.logging.all_ranks)
@@ -96,8 +98,6 @@ class Trainer:
     def __init__(self, config: Config, env):
         self.config, self.env = config, env
         t, device = config.train, env.device
-        check_data_config(config.data)
-        _check_tokenizer(config)
         self.output_dir = Path(t.output_dir)  # created and locked by locked_outputs
         if device.type == "cpu":
             keep_freed_memory()  # 1.4-1.7x faster CPU steps; see megagpt/utils/allocator.py
