@@ -23,7 +23,7 @@ from megagpt.checkpoint import (
     read_metadata,
     resolve_checkpoint_dir,
 )
-from megagpt.checkpoint.checksums import checkpoint_problems
+from megagpt.checkpoint.checksums import checkpoint_problems, file_summary
 from megagpt.checkpoint.layout import apply_retention, remove_incomplete
 from megagpt.checkpoint.safe_dcp import SafeLoadPlanner
 from megagpt.config import apply_overrides
@@ -139,6 +139,12 @@ def test_tampered_checkpoints_never_run_code(tiny_config, tmp_path, monkeypatch)
     result = train(config_for(tiny_config, tmp_path / "run", "train.max_steps=1"))
     index = result.checkpoint / "state" / ".metadata"
     index.write_bytes(pickle.dumps({"exploit": _Exploit()}))
+    with pytest.raises(CheckpointError, match=r"state/\.metadata: .* bytes, but"):
+        load_model_for_inference(result.checkpoint)  # the checksums catch it first
+    # Someone who also rewrites metadata.json's checksum meets the restricted unpickler.
+    meta = json.loads((result.checkpoint / "metadata.json").read_text())
+    meta["checksums"]["state/.metadata"] = file_summary(index)
+    (result.checkpoint / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(pickle.UnpicklingError, match="posix.system.*refusing"):
         load_model_for_inference(result.checkpoint)
     buffer = io.BytesIO()
