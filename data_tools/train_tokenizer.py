@@ -3,9 +3,10 @@
     megagpt-train-tokenizer 'data/*.jsonl.gz' --model data/tok.model --vocab-size 32000
 
 Documents are streamed from the inputs (any format megagpt-preprocess reads, with its
-default cleaning) and cut into lines; sentencepiece keeps a uniform random sample of
-at most --sample-lines of them (reservoir sampling), so memory is bounded by the
-sample, never by the corpus. --max-documents stops reading early on huge corpora.
+default cleaning) and cut into lines, lines longer than sentencepiece takes (4,192
+bytes) into pieces at sentence ends or spaces; sentencepiece keeps a uniform random
+sample of at most --sample-lines of them (reservoir sampling), so memory is bounded by
+the sample, never by the corpus. --max-documents stops reading early on huge corpora.
 """
 
 from __future__ import annotations
@@ -70,21 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 yield text
 
         specials = [s.strip() for s in args.special_tokens.split(",") if s.strip()]
-        try:
-            tokenizer = Tokenizer.train(
-                texts(),
-                args.model,
-                vocab_size=args.vocab_size,
-                model_type=args.model_type,
-                byte_fallback=not args.no_byte_fallback,
-                user_defined_symbols=specials,
-                max_sentences=args.sample_lines,
-                num_threads=args.threads,
-            )
-        except RuntimeError as error:  # sentencepiece's own message, e.g. vocab too large
-            raise InputError(
-                f"sentencepiece could not train on {len(files)} file(s): {error}"
-            ) from None
+        tokenizer = Tokenizer.train(  # a TokenizerError says what it was given, if too little
+            texts(),
+            args.model,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            byte_fallback=not args.no_byte_fallback,
+            user_defined_symbols=specials,
+            max_sentences=args.sample_lines,
+            num_threads=args.threads,
+        )
         print(
             f"{tokenizer.path}: {args.model_type} with {tokenizer.vocab_size:,} pieces, trained on "
             f"a sample of the lines of {counted['documents']:,} documents from {len(files)} file(s)"

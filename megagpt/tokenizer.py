@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
@@ -95,7 +96,10 @@ class Tokenizer:
 
         Each text is split into lines, which are what sentencepiece samples from; at
         most `max_sentences` of them are kept (uniformly at random) so memory stays
-        bounded whatever the iterator yields.
+        bounded whatever the iterator yields. sentencepiece silently skips lines longer
+        than MAX_LINE_BYTES, so a corpus of one-line documents (scraped or exported
+        text) would leave it nothing: longer lines are cut at sentence ends or spaces
+        into pieces below that, each sampled like any other line.
 
         Text is kept as it is (Llama's settings): no Unicode normalization, repeated
         spaces kept, digits split one per piece, and characters never seen in training
@@ -106,34 +110,106 @@ class Tokenizer:
         model_path = Path(model_path)
         model_path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(texts),
-            model_writer=buffer,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            byte_fallback=byte_fallback,
-            character_coverage=0.9995,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-            user_defined_symbols=list(user_defined_symbols),
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2,
-        )
+        counts = LineCounts()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=training_lines(texts, counts),
+                model_writer=buffer,
+                max_sentence_length=MAX_LINE_BYTES,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                byte_fallback=byte_fallback,
+                character_coverage=0.9995,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                allow_whitespace_only_pieces=True,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                pad_id=PAD_ID,
+                user_defined_symbols=list(user_defined_symbols),
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                num_threads=num_threads or os.cpu_count() or 1,
+                minloglevel=2,
+            )
+        except RuntimeError as error:  # e.g. "!sentences_.empty()", or vocabulary too large
+            raise TokenizerError(
+                f"sentencepiece could not train a model of {vocab_size:,} pieces: "
+                f"{str(error).strip().rstrip('.')}. It was given {counts.describe()}; use "
+                "more text or a smaller vocabulary"
+            ) from None
         atomic_write(model_path, buffer.getvalue())  # a half-written model never appears
         return cls(model_path)
 
 
-def _lines(texts: Iterable[str]) -> Iterator[str]:
+MAX_LINE_BYTES = 4192
+"""sentencepiece's max_sentence_length: it skips longer lines without a word."""
+_CUT = (b". ", b"! ", b"? ", b"; ", "\u3002".encode())  # sentence ends, best first
+
+
+@dataclass
+class LineCounts:
+    """What tokenizer training was given, for messages when it is too little."""
+
+    texts: int = 0
+    lines: int = 0
+    long_lines: int = 0
+    pieces: int = 0
+    bytes: int = 0
+
+    def describe(self) -> str:
+        cut = (
+            f", {self.long_lines:,} of them longer than {MAX_LINE_BYTES:,} bytes and cut into "
+            f"{self.pieces:,} pieces"
+            if self.long_lines
+            else ""
+        )
+        return (
+            f"{self.lines:,} non-empty lines ({self.bytes:,} bytes) from {self.texts:,} texts{cut}"
+        )
+
+
+def training_lines(texts: Iterable[str], counts: LineCounts | None = None) -> Iterator[str]:
+    """The lines of `texts` as sentencepiece trains on them: stripped, non-empty, and
+    none longer than MAX_LINE_BYTES (longer ones cut by `cut_line`)."""
+    counts = counts if counts is not None else LineCounts()
     for text in texts:
+        counts.texts += 1
         for line in text.splitlines():
             line = line.strip()
-            if line:
+            if not line:
+                continue
+            counts.lines += 1
+            data = line.encode("utf-8")
+            counts.bytes += len(data)
+            if len(data) <= MAX_LINE_BYTES:
                 yield line
+                continue
+            counts.long_lines += 1
+            for piece in cut_line(data, MAX_LINE_BYTES):
+                counts.pieces += 1
+                yield piece
+
+
+def cut_line(data: bytes, limit: int) -> Iterator[str]:
+    """UTF-8 `data` as pieces of at most `limit` bytes, each ending at the last sentence
+    end in its window, else at the last space, else at a character boundary."""
+    start = 0
+    while len(data) - start > limit:
+        window = data[start : start + limit]
+        cut = max(window.rfind(mark) + len(mark) for mark in _CUT)
+        if cut < limit // 2:  # no sentence end in the second half: the last space
+            cut = window.rfind(b" ") + 1
+        if cut < limit // 2:  # no space either (a URL, base64, CJK): a character boundary
+            cut = limit
+            while cut > 0 and data[start + cut] & 0xC0 == 0x80:  # inside a character
+                cut -= 1
+        piece = data[start : start + cut].decode("utf-8").strip()
+        if piece:
+            yield piece
+        start += cut
+    piece = data[start:].decode("utf-8").strip()
+    if piece:
+        yield piece

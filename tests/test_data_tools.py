@@ -101,6 +101,37 @@ def test_build_index_fails_clearly_on_bad_data(tmp_path, dataset_prefix, capsys)
     assert "pointers must be cumulative" in capsys.readouterr().err
 
 
+def test_train_tokenizer_on_documents_that_are_one_long_line(tmp_path, documents, capsys):
+    """Scraped text often has no newlines: every document one line of 20-200 KB, which
+    sentencepiece would skip whole (its limit is 4,192 bytes) and then find no text."""
+    text = " ".join(d.replace("\n", " ") for d in documents)
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(20_000, 200_000, size=len(text) // 20_000)
+    starts = np.concatenate(([0], np.cumsum(sizes)))
+    docs = [text[a:b] for a, b in zip(starts[:-1], starts[1:]) if a < len(text)]
+    corpus = tmp_path / "long.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    model = tmp_path / "tok.model"
+    args = [str(corpus), "--model", str(model), "--vocab-size", "8000"]
+    assert train_tokenizer.main(args) == 0, capsys.readouterr().err
+    tokenizer = Tokenizer(model)
+    assert tokenizer.vocab_size == 8000
+    assert all(tokenizer.decode(tokenizer.encode(d)) == d for d in docs[:3])
+    assert len(tokenizer.encode(docs[0])) < len(docs[0].encode()) / 2  # it learned words
+
+
+def test_train_tokenizer_says_how_little_text_it_had(tmp_path, capsys):
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text(json.dumps({"text": "A short document. " * 300}) + "\n")
+    args = [str(corpus), "--model", str(tmp_path / "t.model"), "--vocab-size", "8000"]
+    assert train_tokenizer.main(args) == 2
+    err = capsys.readouterr().err
+    assert "could not train a model of 8,000 pieces" in err
+    assert "1 non-empty lines (5,399 bytes) from 1 texts" in err  # stripped
+    assert "1 of them longer than 4,192 bytes and cut into 2 pieces" in err
+    assert not (tmp_path / "t.model").exists()
+
+
 def test_train_tokenizer_from_jsonl_samples_bounded_lines(tmp_path, documents, capsys):
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps({"body": d}) + "\n" for d in documents) + "{bad\n")
