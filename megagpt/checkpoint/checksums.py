@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 
 from megagpt.checkpoint.layout import (
     METADATA,
+    TOKENIZER,
     CheckpointError,
     checkpoints_newest_first,
     read_metadata,
@@ -106,8 +107,8 @@ def checkpoint_sums(directory: Path, shard_sums: list[dict[str, dict]]) -> dict[
     the tokenizer copy. config.yaml is left out on purpose: it is text people may edit
     (paths on another machine), and damage to it fails parsing or the shape check."""
     sums = {name: s for part in shard_sums for name, s in part.items()}
-    if (directory / "tokenizer.model").is_file():
-        sums["tokenizer.model"] = file_summary(directory / "tokenizer.model")
+    if (directory / TOKENIZER).is_file():
+        sums[TOKENIZER] = file_summary(directory / TOKENIZER)
     return dict(sorted(sums.items()))
 
 

@@ -26,7 +26,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the checkpoint as a transformers model directory, with its tokenizer."""
     directory = layout.resolve_checkpoint_dir(checkpoint)
     state, config = consolidated_state_dict(directory)
-    tokenizer = directory / "tokenizer.model"
+    tokenizer = directory / layout.TOKENIZER
     return save_hf(state, config.model, Path(out), tokenizer if tokenizer.is_file() else None)
 
 
@@ -128,13 +128,7 @@ def write_weights_checkpoint(
 ) -> Path:
     """A step-0 checkpoint holding only model weights (training starts its optimizer
     fresh from it)."""
-    partial = layout.partial_dir(root, 0)
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    save_config(config, partial / "config.yaml")
-    if config.data.tokenizer and Path(config.data.tokenizer).is_file():
-        shutil.copyfile(config.data.tokenizer, partial / "tokenizer.model")
+    partial = layout.start_partial(root, 0, config)
     writer = ChecksummingWriter(partial / layout.STATE_DIR)
     dcp.save({"model": state}, storage_writer=writer)
     metadata = {

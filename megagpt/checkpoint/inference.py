@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from megagpt.checkpoint.checksums import checkpoint_problems, damaged_error
-from megagpt.checkpoint.layout import read_metadata, resolve_checkpoint_dir
+from megagpt.checkpoint.layout import TOKENIZER, read_metadata, resolve_checkpoint_dir
 from megagpt.checkpoint.manager import load_state
 from megagpt.config import Config, load_config
 from megagpt.model import build_model
@@ -15,8 +15,8 @@ from megagpt.model import build_model
 
 def checkpoint_config(directory: Path) -> Config:
     config = load_config(directory / "config.yaml")
-    if (directory / "tokenizer.model").is_file():
-        config.data.tokenizer = str(directory / "tokenizer.model")
+    if (directory / TOKENIZER).is_file():
+        config.data.tokenizer = str(directory / TOKENIZER)
     return config
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import megagpt
+from megagpt.config import Config, save_config
 from megagpt.errors import MegagptError
 from megagpt.utils.files import atomic_write, fsync_directory
 
@@ -32,6 +33,7 @@ FORMAT_VERSION = 2
 LATEST = "latest"
 STATE_DIR = "state"
 METADATA = "metadata.json"
+TOKENIZER = "tokenizer.model"
 
 
 class CheckpointError(MegagptError):
@@ -59,6 +61,20 @@ def step_dir_name(step: int) -> str:
 
 def partial_dir(root: Path, step: int) -> Path:
     return root / f".{step_dir_name(step)}.partial"
+
+
+def start_partial(root: Path, step: int, config: Config) -> Path:
+    """A fresh `.step_N.partial/` holding the run's config and a copy of its tokenizer;
+    the state/ shards and metadata.json come after."""
+    partial = partial_dir(root, step)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    save_config(config, partial / "config.yaml")
+    tokenizer = config.data.tokenizer
+    if tokenizer and Path(tokenizer).is_file():
+        shutil.copyfile(tokenizer, partial / TOKENIZER)
+    return partial
 
 
 def delete(directory: Path) -> None:

@@ -46,7 +46,7 @@ from megagpt.checkpoint.checksums import (
 from megagpt.checkpoint.layout import CheckpointError
 from megagpt.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, read_index
 from megagpt.checkpoint.state import apply, check_fits, collect, stored_name
-from megagpt.config import Config, ModelConfig, save_config
+from megagpt.config import Config, ModelConfig
 from megagpt.model.build import build_meta_model
 from megagpt.parallel.optimizer import Optimizers
 from megagpt.parallel.train_module import TrainModule
@@ -109,7 +109,7 @@ class Checkpointer:
         if is_main:
             root.mkdir(parents=True, exist_ok=True)
             layout.remove_incomplete(root)
-        _barrier()
+        dist.barrier()
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, metadata: dict[str, Any]) -> None:
@@ -119,14 +119,8 @@ class Checkpointer:
         self.last_step = step
         partial = layout.partial_dir(self.root, step)
         if self.is_main:
-            if partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
-            save_config(self.config, partial / "config.yaml")
-            tokenizer = self.config.data.tokenizer
-            if tokenizer and Path(tokenizer).is_file():
-                shutil.copyfile(tokenizer, partial / "tokenizer.model")
-        _barrier()
+            layout.start_partial(self.root, step, self.config)
+        dist.barrier()
         started = time.perf_counter()
         state = collect(self.module.parts, self.module.optimizers)
         writer_type = ChecksummingWriter if self.checksums else FileSystemWriter
@@ -192,7 +186,7 @@ class Checkpointer:
             cfg = self.config.checkpoint
             for old in layout.apply_retention(self.root, cfg.keep_last, cfg.keep_every):
                 log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, cfg.keep_last)
-        _barrier(self._group)
+        dist.barrier(group=self._group)
         log.info(
             "step %d | checkpoint %s complete: %.2fs in total, %.2fs of it blocking training",
             pending.step,
@@ -287,17 +281,13 @@ class Checkpointer:
     def _check_tokenizer(self, directory: Path) -> None:
         """A resume must tokenize as the checkpoint's model learned to: the next
         checkpoint would otherwise store the new tokenizer with the old weights."""
-        ours, theirs = self.config.data.tokenizer, directory / "tokenizer.model"
+        ours, theirs = self.config.data.tokenizer, directory / layout.TOKENIZER
         if ours and theirs.is_file() and file_sha256(ours) != file_sha256(theirs):
             raise CheckpointError(
                 f"{directory} was trained with the tokenizer {theirs}, but data.tokenizer = "
                 f"{ours} is a different one (the files differ); resume with "
                 f"data.tokenizer={theirs}, or start a new run in another train.output_dir"
             )
-
-
-def _barrier(group=None) -> None:
-    dist.barrier(group=group)
 
 
 def load_state(
