@@ -21,8 +21,4 @@ def setup_logging(verbose: bool = False) -> None:
 def run_tool(name: str, body: Callable[[], int | None]) -> int:
     """Run a tool's main body: a user error (MegagptError) prints one clear line and
     exits 2, as in every megagpt command; Ctrl-C says how to resume and exits 130."""
-    try:
-        return report_user_errors(name, body)
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return report_user_errors(name, body, "; rerun the same command to resume")

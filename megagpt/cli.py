@@ -254,12 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "launch": run_launch,
         "sweep-report": run_sweep_report,
     }
-    program = f"megagpt {args.command}"
-    try:
-        return report_user_errors(program, lambda: handlers[args.command](args))
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training's own handling
-        print(f"{program}: interrupted", file=sys.stderr)
-        return 130
+    # Ctrl-C in training saves a checkpoint first; a second one, or one elsewhere, ends here.
+    return report_user_errors(f"megagpt {args.command}", lambda: handlers[args.command](args))
 
 
 if __name__ == "__main__":

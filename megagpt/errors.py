@@ -28,11 +28,22 @@ class MissingFileError(MegagptError, FileNotFoundError):
     """A file or directory the user named (or that a setting names) does not exist."""
 
 
-def report_user_errors(program: str, body: Callable[[], int | None]) -> int:
-    """Run a command's body: its exit code, or the message of a MegagptError on one
-    line of stderr and USER_ERROR_EXIT_CODE. Other exceptions propagate unchanged."""
+INTERRUPTED_EXIT_CODE = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as a shell reports it)."""
+
+
+def report_user_errors(
+    program: str, body: Callable[[], int | None], after_interrupt: str = ""
+) -> int:
+    """Run a command's body: its exit code; or the message of a MegagptError on one
+    line of stderr and USER_ERROR_EXIT_CODE; or, on Ctrl-C, "interrupted" (followed by
+    `after_interrupt`, e.g. how to resume) and INTERRUPTED_EXIT_CODE. Other exceptions
+    propagate unchanged."""
     try:
         return body() or 0
     except MegagptError as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted{after_interrupt}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE

@@ -47,6 +47,14 @@ def test_a_user_error_is_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err == "megagpt train: error: optim.lr = -1: must be positive\n"
 
 
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    def body():
+        raise KeyboardInterrupt
+
+    assert report_user_errors("megagpt-preprocess", body, "; rerun to resume") == 130
+    assert capsys.readouterr().err == "megagpt-preprocess: interrupted; rerun to resume\n"
+
+
 def test_a_bug_is_not_reported_as_a_user_error():
     def body():
         raise ValueError("an internal mistake")

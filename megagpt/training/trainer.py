@@ -26,7 +26,7 @@ from megagpt.checkpoint import Checkpointer
 from megagpt.config import Config, ConfigError, save_config
 from megagpt.contract import REQUEUE_EXIT_CODE, STOP_SIGNALS
 from megagpt.data import build_datasets, check_data_config
-from megagpt.errors import MegagptError
+from megagpt.errors import INTERRUPTED_EXIT_CODE, MegagptError
 from megagpt.model.flops import flops_per_token, parameter_counts
 from megagpt.parallel import init_distributed, shutdown_distributed
 from megagpt.parallel.batches import dropout_seed, microbatch_indices, step_batches
@@ -91,7 +91,7 @@ def exit_code(result: TrainResult) -> int:
     shell reports an interrupted command), else 0."""
     if not result.preempted:
         return 0
-    return 128 + signal.SIGINT if result.stop_signal == "SIGINT" else REQUEUE_EXIT_CODE
+    return INTERRUPTED_EXIT_CODE if result.stop_signal == "SIGINT" else REQUEUE_EXIT_CODE
 
 
 class Trainer:
