@@ -56,8 +56,7 @@ def report(config, check: bool) -> list[str]:
         raise ConfigError("data.path is empty: give the prefix of a tokenized dataset")
     lines = []
     for _, prefix in pairs:
-        dataset = IndexedDataset(prefix)
-        dataset.validate()
+        dataset = IndexedDataset(prefix)  # opening validates the whole index
         if check:
             check_tokens(dataset, config.model.vocab_size)
         ranges = split_documents(dataset.num_documents, config.data.split)

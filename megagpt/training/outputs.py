@@ -1,4 +1,4 @@
-"""A run's output directories: created, checked writable, and held by one run at a time.
+"""A run's output directories: created and held by one run at a time.
 
 Two runs writing into one train.output_dir would interleave their metrics and publish
 each other's weights under their own step numbers. Rank 0 takes a RunLock on the
@@ -33,8 +33,9 @@ def output_directories(config: Config) -> list[tuple[Path, str]]:
     return directories
 
 
-def make_writable_directory(path: Path, key: str) -> None:
-    """Create `path` (and its parents), or a ConfigError naming the setting and why."""
+def make_directory(path: Path, key: str) -> None:
+    """Create `path` (and its parents), or a ConfigError naming the setting and why.
+    Whether it is writable, the lock file created in it next tells."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -43,14 +44,6 @@ def make_writable_directory(path: Path, key: str) -> None:
         raise ConfigError(
             f"{key} = {path}: cannot create it ({error.strerror}: {error.filename})"
         ) from None
-    if not path.is_dir():
-        raise ConfigError(f"{key} = {path}: a file is in the way; choose a directory")
-    probe = path / ".megagpt.write-test"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"{key} = {path}: cannot write there ({error.strerror})") from None
 
 
 @contextlib.contextmanager
@@ -62,7 +55,7 @@ def locked_outputs(config: Config, env: DistributedEnv) -> Iterator[None]:
     if env.is_main:
         try:
             for directory, key in output_directories(config):
-                make_writable_directory(directory, key)
+                make_directory(directory, key)
                 lock = RunLock(directory / LOCK_FILE, "training run", f"choose another {key}")
                 locks.append(lock.acquire())
         except MegagptError as failure:
