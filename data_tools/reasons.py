@@ -23,6 +23,7 @@ class Reason(IntEnum):
     REPEATED_LINES = 10
     DUPLICATE = 11  # the same text (after cleaning) was kept earlier in the run
     CORRUPT_FILE = 12  # an unreadable file, or the rest of a truncated one
+    NEAR_DUPLICATE = 13  # in a MinHash cluster whose first document was kept (--near-dedup)
 
     @property
     def label(self) -> str:
