@@ -28,6 +28,7 @@ from megagpt.config import load_config
 from megagpt.config.errors import ConfigError
 from megagpt.data.dataset import SPLITS, BlendedDataset, build_datasets, split_documents
 from megagpt.data.indexed import IndexedDataset, IndexedDatasetError
+from megagpt.data.manifest import expand_manifests
 from megagpt.data.settings import parse_data_path
 
 CHUNK = 1 << 24
@@ -51,7 +52,7 @@ def check_tokens(dataset: IndexedDataset, vocab_size: int) -> None:
 
 
 def report(config, check: bool) -> list[str]:
-    pairs = parse_data_path(config.data.path)
+    pairs = expand_manifests(parse_data_path(config.data.path))
     if not pairs:
         raise ConfigError("data.path is empty: give the prefix of a tokenized dataset")
     lines = []

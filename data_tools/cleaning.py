@@ -3,8 +3,9 @@
 Every step is optional. On by default: NFC normalization, removal of control
 characters and of HTML markup, and the length bounds (these only remove what no
 model should see). Off by default: the quality filters (alphabetic fraction,
-repeated lines), because what counts as low quality depends on the corpus: code,
-tables and poetry fail them.
+repeated lines, and the Gopher and C4 rules of data_tools/quality.py, applied last),
+because what counts as low quality depends on the corpus: code, tables and poetry
+fail them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from data_tools.quality import apply_filters
+from data_tools.quality_settings import QualityFilters
 from data_tools.reasons import Reason
 
 # C0/C1 control characters except tab, newline and carriage return, plus the
@@ -50,6 +54,14 @@ class CleaningOptions:
     max_chars: int = 1_000_000
     min_alpha_fraction: float = 0.0
     max_repeated_line_fraction: float = 1.0
+    filters: QualityFilters = QualityFilters()  # --filters: none by default
+
+
+class Cleaned(NamedTuple):
+    text: str
+    data: bytes  # the text as UTF-8, hashed for deduplication; b"" if unencodable
+    reason: Reason
+    detail: str = ""  # why it was dropped, for the log
 
 
 def clean(text: str, options: CleaningOptions) -> tuple[str, bytes, Reason]:
@@ -57,8 +69,19 @@ def clean(text: str, options: CleaningOptions) -> tuple[str, bytes, Reason]:
 
     The UTF-8 bytes are returned because the caller hashes them for deduplication.
     """
+    return clean_and_explain(text, options)[:3]
+
+
+def clean_and_explain(text: str, options: CleaningOptions) -> Cleaned:
+    """`clean`, and for a dropped document a line saying why (e.g. "mean word length
+    12.3 > 10"), measured on the way at no extra cost."""
     if len(text) > options.max_chars * 4:  # far too long: skip the work below
-        return text, b"", Reason.TOO_LONG
+        return Cleaned(
+            text,
+            b"",
+            Reason.TOO_LONG,
+            f"{len(text):,} characters > --max-chars {options.max_chars:,}",
+        )
     if options.strip_markup and "<" in text:
         text = _MARKUP.sub("", text)
     if options.strip_control and _has_control(text):
@@ -67,22 +90,48 @@ def clean(text: str, options: CleaningOptions) -> tuple[str, bytes, Reason]:
         text = unicodedata.normalize("NFC", text)
     try:
         data = text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates, from "\ud800" escapes in JSON
-        return text, b"", Reason.INVALID_UTF8
+    except UnicodeEncodeError as error:  # lone surrogates, from "\ud800" escapes in JSON
+        return Cleaned(text, b"", Reason.INVALID_UTF8, str(error))
     if not text.strip():
-        return text, data, Reason.EMPTY
+        return Cleaned(text, data, Reason.EMPTY, "nothing left after cleaning")
     if len(text) < options.min_chars:
-        return text, data, Reason.TOO_SHORT
+        return Cleaned(
+            text,
+            data,
+            Reason.TOO_SHORT,
+            f"{len(text):,} characters < --min-chars {options.min_chars:,}",
+        )
     if len(text) > options.max_chars:
-        return text, data, Reason.TOO_LONG
-    if options.min_alpha_fraction > 0 and alpha_fraction(text, data) < options.min_alpha_fraction:
-        return text, data, Reason.LOW_ALPHA
-    if (
-        options.max_repeated_line_fraction < 1
-        and repeated_line_fraction(text) > options.max_repeated_line_fraction
-    ):
-        return text, data, Reason.REPEATED_LINES
-    return text, data, Reason.OK
+        return Cleaned(
+            text,
+            data,
+            Reason.TOO_LONG,
+            f"{len(text):,} characters > --max-chars {options.max_chars:,}",
+        )
+    if options.min_alpha_fraction > 0:
+        fraction = alpha_fraction(text, data)
+        if fraction < options.min_alpha_fraction:
+            detail = f"letter fraction {fraction:.3g} < {options.min_alpha_fraction:g}"
+            return Cleaned(text, data, Reason.LOW_ALPHA, detail)
+    if options.max_repeated_line_fraction < 1:
+        fraction = repeated_line_fraction(text)
+        if fraction > options.max_repeated_line_fraction:
+            detail = (
+                f"repeated line fraction {fraction:.3g} > {options.max_repeated_line_fraction:g}"
+            )
+            return Cleaned(text, data, Reason.REPEATED_LINES, detail)
+    if options.filters.enabled:
+        filtered, reason, detail = apply_filters(text, options.filters)
+        if reason != Reason.OK:
+            return Cleaned(text, data, reason, detail)
+        if filtered != text:  # C4 removed lines: what is tokenized and hashed is the rest
+            text, data = filtered, filtered.encode("utf-8")
+            if not text.strip():
+                return Cleaned(text, data, Reason.EMPTY, "no line passed the C4 line rules")
+            if len(text) < options.min_chars:
+                detail = f"{len(text):,} characters < --min-chars after the C4 line rules"
+                return Cleaned(text, data, Reason.TOO_SHORT, detail)
+    return Cleaned(text, data, Reason.OK)
 
 
 def _has_control(text: str) -> bool:

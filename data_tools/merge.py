@@ -21,23 +21,12 @@ from pathlib import Path
 
 from data_tools.cli import run_tool, setup_logging
 from megagpt.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
+from megagpt.data.manifest import read_manifest, shard_path
 
 
 def manifest_prefixes(manifest: Path) -> list[str]:
     """The shard prefixes a megagpt-preprocess manifest lists, in order."""
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-        prefixes = data["data_path"]
-    except OSError as error:
-        raise IndexedDatasetError(f"--manifest {manifest}: {error.strerror}") from None
-    except (ValueError, KeyError, TypeError):  # not JSON, or not a manifest
-        raise IndexedDatasetError(
-            f"--manifest {manifest} is not a megagpt-preprocess manifest (a JSON object "
-            "with a data_path list, as <output-prefix>.manifest.json)"
-        ) from None
-    if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
-        raise IndexedDatasetError(f"--manifest {manifest}: data_path must be a list of prefixes")
-    return prefixes
+    return [shard.prefix for shard in read_manifest(manifest, "--manifest")]
 
 
 def input_prefixes(patterns: Sequence[str], manifest: str | None) -> list[str]:
@@ -68,7 +57,9 @@ def recorded_tokenizer(prefix: str) -> tuple[str, str, str] | None:
     for manifest in dict.fromkeys([f"{prefix}.manifest.json", f"{base}.manifest.json"]):
         try:
             data = json.loads(Path(manifest).read_text(encoding="utf-8"))
-            listed = {os.path.realpath(p) for p in data.get("data_path", [])}
+            listed = {
+                os.path.realpath(shard_path(Path(manifest), p)) for p in data.get("data_path", [])
+            }
             tokenizer = data.get("tokenizer")
         except (OSError, ValueError, AttributeError, TypeError):
             continue  # no manifest there, or not one we can read: nothing recorded

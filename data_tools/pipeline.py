@@ -23,6 +23,7 @@ import numpy as np
 
 from data_tools.cleaning import CleaningOptions
 from data_tools.dedup import HASH_DTYPE, DedupIndex
+from data_tools.minhash import MinHashSettings
 from data_tools.progress import Progress
 from data_tools.shards import ShardedOutput
 from data_tools.sources import InputError, read_file_batches
@@ -56,10 +57,17 @@ class PreprocessOptions:
     overwrite: bool = False
     log_interval: float = 30.0
     progress_bar: bool | None = None  # None: when stderr is a terminal
+    near_dedup: MinHashSettings | None = None
+    num_tasks: int = 1
+    task_index: int = 0
+    phase: str = "all"  # or one of scan, dedup, tokenize (data_tools/tasks.py)
+    dedup_partitions: int | None = None  # None: one per 512 MB of input
 
     def fingerprint(self) -> dict:
         """What decides the output; a restart must match it to resume."""
+        near = {"near_dedup": asdict(self.near_dedup)} if self.near_dedup else {}
         return {
+            **near,
             "inputs": [
                 [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.inputs
             ],
@@ -106,10 +114,13 @@ def reader_main(
             tasks.put(None)
 
 
-def run_preprocess(options: PreprocessOptions) -> dict:
-    """Run (or resume) a preprocessing job; return the summary written next to the output."""
+def run_preprocess(options: PreprocessOptions, marks=None) -> dict:
+    """Run (or resume) a preprocessing job; return the summary written next to the output.
+
+    `marks` (a global_dedup.DuplicateMarks) replaces the streaming exact-dedup index
+    with the verdicts of a job's dedup phase."""
     with output_lock(options.output_prefix):
-        return _run_preprocess(options)
+        return _run_preprocess(options, marks)
 
 
 def output_lock(prefix: str) -> RunLock:
@@ -124,7 +135,7 @@ def output_lock(prefix: str) -> RunLock:
     return RunLock(f"{prefix}.lock", "megagpt-preprocess", "choose another --output-prefix")
 
 
-def _run_preprocess(options: PreprocessOptions) -> dict:
+def _run_preprocess(options: PreprocessOptions, marks) -> dict:
     started = time.perf_counter()
     state = RunState(options.output_prefix)
     state.open(options.fingerprint(), options.overwrite)
@@ -139,8 +150,9 @@ def _run_preprocess(options: PreprocessOptions) -> dict:
         log.info(
             "resuming after %d finished shard(s), at input file %d record %d", len(markers), *start
         )
-    dedup = DedupIndex(state.directory / "dedup") if options.dedup else None
-    if dedup is not None:
+    dedup = marks
+    if marks is None and options.dedup:
+        dedup = DedupIndex(state.directory / "dedup")
         for path in state.completed_hashes(markers):
             _load_hashes(dedup, path)
     output = ShardedOutput(
@@ -152,14 +164,17 @@ def _run_preprocess(options: PreprocessOptions) -> dict:
     )
     try:
         if start[0] < len(options.inputs):
-            _run_processes(options, start, dtype, output, progress, sizes)
+            settings = WorkerSettings(
+                options.tokenizer, options.text_field, dtype.str, options.cleaning
+            )
+            run_workers(options, start, settings, output, progress, sizes)
         output.finish()
     except BaseException:
         output.abort()
         raise
     finally:
         progress.close()
-        if dedup is not None:
+        if isinstance(dedup, DedupIndex):
             dedup.close()
     return _write_outputs(
         state,
@@ -173,12 +188,21 @@ def _run_preprocess(options: PreprocessOptions) -> dict:
     )
 
 
-def _run_processes(options, start, dtype, output: ShardedOutput, progress: Progress, sizes) -> None:
+def run_workers(
+    options: PreprocessOptions,
+    start: list[int],
+    settings: WorkerSettings,
+    output,
+    progress: Progress,
+    sizes: list[int],
+) -> None:
+    """Read options.inputs from `start` = [file, record], process every batch in
+    `options.workers` worker processes and hand the results, in input order, to
+    `output.consume`."""
     context = mp.get_context("spawn")  # workers start clean: no copy of this process's memory
     max_in_flight = 2 * options.workers + 2
     tasks, results = context.Queue(), context.Queue()
     credits = context.Semaphore(max_in_flight)
-    settings = WorkerSettings(options.tokenizer, options.text_field, dtype.str, options.cleaning)
     workers = [
         context.Process(
             target=worker_main, args=(settings, tasks, results, os.getpid()), daemon=True
@@ -251,9 +275,9 @@ def _write_outputs(
     elapsed: float,
 ) -> dict:
     markers = state.completed()
-    shards = [
+    shards = [  # named relative to the manifest's directory (megagpt/data/manifest.py)
         {
-            "prefix": m["prefix"],
+            "prefix": Path(m["prefix"]).name,
             "documents": m["documents_out"],
             "tokens": m["tokens"],
             "input_files": m["input_files"],
@@ -267,7 +291,7 @@ def _write_outputs(
         "dtype": str(dtype),
         "eod_appended": True,
         "shards": shards,
-        "data_path": [m["prefix"] for m in markers],
+        "data_path": [Path(m["prefix"]).name for m in markers],
     }
     atomic_write_json(state.manifest_path, manifest)
     total = Counts()

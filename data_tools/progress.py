@@ -20,6 +20,7 @@ class Progress:
         done_bytes: int = 0,
         log_interval: float = 30.0,
         bar: bool | None = None,
+        desc: str = "preprocess",
     ):
         self.total = total_bytes
         self.start_bytes = self.done = done_bytes
@@ -37,7 +38,7 @@ class Progress:
                 unit_scale=True,
                 unit_divisor=1000,
                 dynamic_ncols=True,
-                desc="preprocess",
+                desc=desc,
             )
 
     def update(self, done_bytes: int, documents: int) -> None:

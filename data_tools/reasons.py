@@ -24,6 +24,26 @@ class Reason(IntEnum):
     DUPLICATE = 11  # the same text (after cleaning) was kept earlier in the run
     CORRUPT_FILE = 12  # an unreadable file, or the rest of a truncated one
     NEAR_DUPLICATE = 13  # in a MinHash cluster whose first document was kept (--near-dedup)
+    # --filters gopher-quality (Rae et al. 2021, appendix A.1.1)
+    GOPHER_WORD_COUNT = 14
+    GOPHER_MEAN_WORD_LENGTH = 15
+    GOPHER_HASH_RATIO = 16  # '#' per word
+    GOPHER_ELLIPSIS_RATIO = 17  # '...' and '…' per word
+    GOPHER_BULLET_LINES = 18
+    GOPHER_ELLIPSIS_LINES = 19
+    GOPHER_ALPHA_WORDS = 20  # too few words with a letter
+    GOPHER_STOP_WORDS = 21
+    # --filters gopher-repetition (table A1)
+    GOPHER_DUPLICATE_LINES = 22
+    GOPHER_DUPLICATE_LINE_CHARS = 23
+    GOPHER_DUPLICATE_PARAGRAPHS = 24
+    GOPHER_DUPLICATE_PARAGRAPH_CHARS = 25
+    GOPHER_TOP_NGRAM = 26  # the most frequent 2-, 3- or 4-gram
+    GOPHER_DUPLICATE_NGRAMS = 27  # all repeated 5- to 10-grams
+    # --filters c4 (Raffel et al. 2020, section 2.2; its line rules remove lines, not documents)
+    C4_LOREM_IPSUM = 28
+    C4_CURLY_BRACKET = 29
+    C4_TOO_FEW_SENTENCES = 30  # after its line rules
 
     @property
     def label(self) -> str:

@@ -1,7 +1,8 @@
 """The writing end of megagpt-preprocess: results in stream order become shards.
 
 Results arrive in input order. Here duplicates are dropped (first occurrence wins,
-so the output does not depend on worker timing), bad records are counted or, with
+so the output does not depend on worker timing; or, in a job's tokenize phase, the
+documents its dedup phase marked), bad records are counted or, with
 strict, raised, and tokens go to the current shard. A shard ends at the end of its
 input file, or after the document that brings it to `shard_tokens` tokens; it is
 then finalized and marked done (see state.py), in that order.
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.dedup import HASH_DTYPE, DedupIndex
+from data_tools.global_dedup import DuplicateMarks
 from data_tools.reasons import Reason, count_reasons
 from data_tools.state import RunState
 from data_tools.stats import Counts
@@ -42,7 +44,7 @@ class ShardedOutput:
         files: list[Path],
         dtype: np.dtype,
         shard_tokens: int | None,
-        dedup: DedupIndex | None,
+        dedup: DedupIndex | DuplicateMarks | None,
         strict: bool,
         first_shard: int,
     ):
@@ -61,8 +63,9 @@ class ShardedOutput:
             raise RuntimeError(f"a tokenizer worker failed: {result.error}")
         reasons = result.reasons.astype(np.int64)
         passed = np.flatnonzero(reasons == Reason.OK)
-        keep = self.dedup.add_new(result.hashes) if self.dedup else np.ones(len(passed), bool)
-        reasons[passed[~keep]] = Reason.DUPLICATE
+        duplicate = self._duplicates(result, passed)
+        keep = duplicate == 0
+        reasons[passed[~keep]] = duplicate[~keep]
         self._report_bad_records(result, reasons)
         kept_records = passed[keep]
         lengths, hashes = result.lengths[keep], result.hashes[keep]
@@ -94,6 +97,17 @@ class ShardedOutput:
             record, kept = end_record, end_kept
         if result.end_of_file and not self.shard_tokens:
             self._finish_shard([result.file_index + 1, 0])
+
+    def _duplicates(self, result: Result, passed: np.ndarray) -> np.ndarray:
+        """A drop reason per passed record: 0 to keep it."""
+        if isinstance(self.dedup, DuplicateMarks):
+            marks = self.dedup.drop_reasons(
+                result.file_index, result.first_record, len(result.reasons)
+            )
+            return marks[passed]
+        if self.dedup is None:
+            return np.zeros(len(passed), dtype=np.int64)
+        return np.where(self.dedup.add_new(result.hashes), 0, int(Reason.DUPLICATE))
 
     def finish(self) -> None:
         """End of the input: close the last shard (token mode)."""

@@ -19,7 +19,8 @@ from itertools import chain
 import numpy as np
 import orjson
 
-from data_tools.cleaning import CleaningOptions, clean
+from data_tools.cleaning import CleaningOptions, clean_and_explain
+from data_tools.minhash import MinHasher, MinHashSettings
 from data_tools.reasons import Reason
 from data_tools.sources import Batch
 
@@ -45,6 +46,7 @@ class Result:
     text_bytes: np.ndarray  # int64 UTF-8 bytes per record that passed
     examples: list[tuple[int, int, str]] = field(default_factory=list)  # (record, reason, detail)
     error: str | None = None  # an unexpected exception in the worker
+    band_keys: np.ndarray | None = None  # scan with --near-dedup: (passed, bands) uint64
 
 
 @dataclass(frozen=True)
@@ -53,19 +55,27 @@ class WorkerSettings:
     text_field: str
     dtype: str
     cleaning: CleaningOptions
+    mode: str = "tokenize"  # or "scan": hashes and MinHash keys, no tokens (job.py)
+    minhash: MinHashSettings | None = None
 
 
 class BatchProcessor:
     """Everything a worker does to a batch; also usable in-process."""
 
     def __init__(self, settings: WorkerSettings):
-        import sentencepiece as spm
+        # One worker per core, so the tokenizers library must not start a thread pool in
+        # each: it reads these when it first would (a worker is a fresh spawned process).
+        # Used in-process, this keeps the whole process's tokenizers to one thread.
+        os.environ["RAYON_NUM_THREADS"] = "1"
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from megagpt.tokenizer import Tokenizer
 
         self.settings = settings
-        self.sp = spm.SentencePieceProcessor(model_file=settings.tokenizer_path)
-        self.eod = self.sp.eos_id()
+        self.tokenizer = Tokenizer(settings.tokenizer_path)
+        self.eod = self.tokenizer.eod_id
         self.dtype = np.dtype(settings.dtype)
         self.field = settings.text_field
+        self.minhasher = MinHasher(settings.minhash) if settings.minhash else None
 
     def process(self, batch: Batch) -> Result:
         reasons = np.zeros(batch.num_records, dtype=np.int8)
@@ -73,6 +83,7 @@ class BatchProcessor:
         hashes: list[bytes] = []
         text_bytes: list[int] = []
         examples: list[tuple[int, int, str]] = []
+        cleaned: list[bytes] = []  # for MinHash
 
         described: Counter = Counter()
 
@@ -90,14 +101,23 @@ class BatchProcessor:
             if reason != Reason.OK:
                 drop(record, reason, detail)
                 continue
-            text, data, reason = clean(raw, self.settings.cleaning)
+            text, data, reason, detail = clean_and_explain(raw, self.settings.cleaning)
             if reason != Reason.OK:
-                drop(record, reason, f"{len(text):,} characters after cleaning")
+                drop(record, reason, detail)
                 continue
             texts.append(text)
             hashes.append(hashlib.blake2b(data, digest_size=HASH_BYTES).digest())
             text_bytes.append(len(data))
-        tokens, lengths = self._tokenize(texts)
+            if self.minhasher is not None:
+                cleaned.append(data)
+        hash_array = np.frombuffer(b"".join(hashes), dtype=f"S{HASH_BYTES}")
+        band_keys = None
+        if self.settings.mode == "scan":
+            tokens, lengths = np.zeros(0, self.dtype), np.zeros(0, np.int64)
+            if self.minhasher is not None:
+                band_keys = self.minhasher.band_keys(cleaned, hash_array)
+        else:
+            tokens, lengths = self._tokenize(texts)
         return Result(
             seq=batch.seq,
             file_index=batch.file_index,
@@ -105,17 +125,18 @@ class BatchProcessor:
             end_of_file=batch.end_of_file,
             input_bytes=batch.input_bytes,
             reasons=reasons,
-            hashes=np.frombuffer(b"".join(hashes), dtype=f"S{HASH_BYTES}"),
+            hashes=hash_array,
             lengths=lengths,
             tokens=tokens,
             text_bytes=np.asarray(text_bytes, dtype=np.int64),
             examples=examples,
+            band_keys=band_keys,
         )
 
     def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if not texts:
             return np.zeros(0, self.dtype), np.zeros(0, np.int64)
-        ids = self.sp.encode(texts, num_threads=1)  # one thread: a worker per core
+        ids = self.tokenizer.encode_batch(texts, num_threads=1)  # a worker per core
         for row in ids:
             row.append(self.eod)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))

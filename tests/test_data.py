@@ -167,3 +167,36 @@ def test_every_sample_of_a_global_batch_is_read_once_whatever_the_layout():
             for rank in range(dp):
                 seen.extend(global_sample_indices(3, m, rank, dp, micro, 16).tolist())
         assert sorted(seen) == list(range(48, 64)), (dp, micro)
+
+
+def test_a_preprocess_manifest_stands_for_its_shards(tmp_path, monkeypatch):
+    """data.path may name <prefix>.manifest.json: its shards, found beside it from any
+    working directory, the empty ones left out; a weight is shared by their tokens."""
+    import json
+
+    from megagpt.config import ConfigError
+    from megagpt.data.manifest import expand_manifests
+
+    rng = np.random.default_rng(0)
+    sizes = {"c_00000": 40, "c_00001": 0, "c_00002": 25}
+    for name, count in sizes.items():
+        write_dataset(tmp_path / name, [rng.integers(0, 100, 30) for _ in range(count)])
+    manifest = tmp_path / "c.manifest.json"
+    manifest.write_text(json.dumps({
+        "data_path": list(sizes),
+        "shards": [{"prefix": n, "documents": c, "tokens": 30 * c} for n, c in sizes.items()],
+    }))  # fmt: skip
+    monkeypatch.chdir(tmp_path.parent)  # not the manifest's directory
+    shards = [str(tmp_path / "c_00000"), str(tmp_path / "c_00002")]
+    assert expand_manifests([(None, str(manifest))]) == [(None, s) for s in shards]
+    assert expand_manifests([(0.5, str(manifest)), (0.5, "x")]) == [
+        (0.5 * 40 / 65, shards[0]), (0.5 * 25 / 65, shards[1]), (0.5, "x")
+    ]  # fmt: skip
+    config = DataConfig(split="8,2,0", seq_len=16)
+    by_manifest = build_datasets(DataConfig(**{**vars(config), "path": [str(manifest)]}), seed=3)
+    by_shards = build_datasets(DataConfig(**{**vars(config), "path": shards}), seed=3)
+    indices = np.arange(20)
+    assert (by_manifest.train.samples(indices) == by_shards.train.samples(indices)).all()
+    manifest.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not a megagpt-preprocess manifest"):
+        expand_manifests([(None, str(manifest))])

@@ -276,3 +276,30 @@ def test_torchrun_script_passes_its_arguments_on(tmp_path):
         text=True,
     )
     assert done.returncode == 2 and "model.n_heads = 5: must divide" in done.stderr
+
+
+def test_preprocess_array_scripts_chain_the_phases(tmp_path, tokenizer, capsys):
+    from megagpt.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "one document"}\n')
+    base = ["launch", "preprocess", "--array", "3", "--cpus-per-task", "4", "--dry-run", "--"]
+    data = [str(corpus), "--tokenizer", str(tokenizer.path), "--output-prefix", "out/web"]
+    assert main([*base, *data, "--near-dedup"]) == 0
+    scripts = capsys.readouterr().out.split("#!/bin/bash")[1:]
+    phases = [re.search(r"--phase (\w+)", s).group(1) for s in scripts]
+    assert phases == ["scan", "dedup", "tokenize"]
+    assert "#SBATCH --array=0-2" in scripts[0] and "#SBATCH --array" not in scripts[1]
+    assert "#SBATCH --dependency=afterok:<scan job id>" in scripts[1]
+    assert "#SBATCH --dependency=afterok:<dedup job id>" in scripts[2]
+    for script in scripts:
+        command = shlex.split(script.split("PYTHONUNBUFFERED=1\n")[1].splitlines()[0])
+        assert command[1:3] == ["-m", "data_tools.preprocess"]
+        assert command[command.index("--workers") + 1] == "4"
+        assert command[command.index("--num-tasks") + 1] == "3"
+    assert main([*base, *data, "--no-dedup"]) == 0  # nothing to deduplicate: one array
+    assert capsys.readouterr().out.count("#!/bin/bash") == 1
+    assert main([*base, *data, "--phase", "scan"]) == 2
+    assert "sets --num-tasks, --task-index and --phase itself" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "missing.jsonl"), *data[1:]]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import zstandard
 
 from data_tools.preprocess import main
 from megagpt.data import IndexedDataset
+from megagpt.data.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,10 @@ def shard_documents(prefix):
     return [ds[i].tolist() for i in range(len(ds))]
 
 
+def shard_prefixes(tmp_path, prefix="out/corpus"):
+    return [shard.prefix for shard in read_manifest(tmp_path / f"{prefix}.manifest.json")]
+
+
 def expected_tokens(tokenizer, texts):
     return [[*ids, tokenizer.eod_id] for ids in tokenizer.encode_batch(texts)]
 
@@ -62,7 +67,7 @@ def test_every_input_format_gives_the_tokens_of_its_documents(tmp_path, texts, t
     assert summary["documents_in"] == summary["documents_out"] == 60 and summary["drops"] == {}
     manifest = json.loads((tmp_path / "out/corpus.manifest.json").read_text())
     assert len(manifest["shards"]) == 6  # one per input file
-    got = [doc for shard in manifest["data_path"] for doc in shard_documents(shard)]
+    got = [doc for shard in shard_prefixes(tmp_path) for doc in shard_documents(shard)]
     assert got == expected_tokens(tokenizer, texts)
     assert summary["tokens"] == sum(map(len, got))
 
@@ -72,14 +77,14 @@ def test_shards_of_n_tokens(tmp_path, texts, tokenizer):
     inputs = [write_jsonl(tmp_path / f"{k}.jsonl", texts[k::2]) for k in range(2)]
     code, summary = run(tmp_path, inputs, tokenizer, "--shard-tokens", "3000")
     assert code == 0
-    manifest = json.loads((tmp_path / "out/corpus.manifest.json").read_text())
-    sizes = [IndexedDataset(p).num_tokens for p in manifest["data_path"]]
+    prefixes = shard_prefixes(tmp_path)
+    sizes = [IndexedDataset(p).num_tokens for p in prefixes]
     assert all(size >= 3000 for size in sizes[:-1]) and sizes[-1] > 0
     assert all(
         size - len(doc) < 3000
-        for size, doc in zip(sizes, [s[-1] for s in map(shard_documents, manifest["data_path"])])
+        for size, doc in zip(sizes, [s[-1] for s in map(shard_documents, prefixes)])
     )
-    got = [doc for prefix in manifest["data_path"] for doc in shard_documents(prefix)]
+    got = [doc for prefix in prefixes for doc in shard_documents(prefix)]
     assert got == expected_tokens(tokenizer, texts[0::2] + texts[1::2])
 
 

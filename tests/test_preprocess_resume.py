@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from megagpt.data.manifest import read_manifest
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, documents):
@@ -34,9 +36,8 @@ def command(inputs, tokenizer, prefix, *extra):
 
 def outputs(prefix):
     """Every shard's bytes, and the summary without this run's timings."""
-    manifest = json.loads(open(f"{prefix}.manifest.json").read())
     files = {}
-    for shard in manifest["data_path"]:
+    for shard in (s.prefix for s in read_manifest(f"{prefix}.manifest.json")):
         for ext in (".bin", ".idx"):
             files[os.path.basename(shard) + ext] = open(shard + ext, "rb").read()
     summary = json.loads(open(f"{prefix}.summary.json").read())

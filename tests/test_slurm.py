@@ -18,6 +18,7 @@ from megagpt.launch.rendezvous import expand_hostlist
 from megagpt.launch.slurm import SlurmJob, submit_job
 from tests.conftest import tiny_overrides
 from tests.slurm_cluster import SlurmCluster, missing_requirements
+from tests.test_near_dedup import job_outputs
 
 STANDIN = Path(__file__).with_name("preemption_standin.py")
 
@@ -326,3 +327,43 @@ def test_stopped_training_requeues_and_finishes_like_an_uninterrupted_run(
     assert [r["step"] for r in stopped] == list(range(1, 41))  # each step once
     assert [r["loss"] for r in stopped] == [r["loss"] for r in whole]
     assert stopped[-1]["val_loss"] == whole[-1]["val_loss"]
+
+
+def test_preprocess_array_with_near_dedup_equals_one_process(
+    cluster, documents, tokenizer, tmp_path
+):
+    """`megagpt launch preprocess --array 4`: scan array, dedup, tokenize array, chained by
+    SLURM dependencies, keep the documents one process keeps, token for token."""
+    texts = list(dict.fromkeys(documents))[:240]
+    corpus = []
+    for i, text in enumerate(texts):
+        corpus.append(text)
+        if i % 3 == 0:
+            corpus.append(f"{text} (edited)")  # a near duplicate
+        if i % 4 == 0:
+            corpus.append(text)  # an exact one
+    inputs = []
+    for k in range(6):
+        path = tmp_path / f"part{k}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[k::6]))
+        inputs.append(str(path))
+    arguments = [*inputs, "--tokenizer", str(tokenizer.path), "--near-dedup"]
+    one = [sys.executable, "-m", "data_tools.preprocess", *arguments, "--workers", "2"]
+    subprocess.run([*one, "--output-prefix", str(tmp_path / "one/c")], check=True,
+                   capture_output=True)  # fmt: skip
+    done = megagpt(cluster, "launch", "preprocess", "--array", "4", "--time", "10", "--",
+                   *arguments, "--output-prefix", "array/c", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    jobs = dict(re.findall(r"submitted (\w+) as job (\d+)", done.stdout))
+    assert list(jobs) == ["scan", "dedup", "tokenize"]
+    assert job_field(cluster, jobs["dedup"], "Dependency").startswith(f"afterok:{jobs['scan']}_*")
+    wait_for_job(cluster, jobs["tokenize"], timeout_s=300)
+    logs = tmp_path / "array/c.job/slurm"
+    for phase, job_id in jobs.items():
+        tasks = [job_id] if phase == "dedup" else [f"{job_id}_{i}" for i in range(4)]
+        for task in tasks:
+            state = job_field(cluster, task, "JobState")
+            assert state == "COMPLETED", "\n".join(p.read_text() for p in logs.glob("*.log"))
+    assert job_outputs(tmp_path / "array/c") == job_outputs(tmp_path / "one/c")
+    summary = json.loads((tmp_path / "array/c.summary.json").read_text())
+    assert summary["drops"] == {"duplicate": 60, "near_duplicate": 80}

@@ -18,6 +18,7 @@ from megagpt.config.errors import ConfigError
 from megagpt.config.schema import DataConfig
 from megagpt.data.blend import BlendSchedule
 from megagpt.data.indexed import IndexedDataset
+from megagpt.data.manifest import expand_manifests
 from megagpt.data.permutation import permute
 from megagpt.data.settings import parse_data_path, parse_split
 from megagpt.utils.seeds import derive_key
@@ -108,7 +109,7 @@ def split_documents(num_documents: int, split: str) -> list[tuple[int, int]]:
 
 def build_datasets(cfg: DataConfig, seed: int) -> SplitDatasets:
     """Open every prefix in `cfg.path` and build the three splits (blended if several)."""
-    pairs = parse_data_path(cfg.path)
+    pairs = expand_manifests(parse_data_path(cfg.path))
     if not pairs:
         raise ConfigError(
             "data.path is empty: give the prefix of a tokenized dataset "

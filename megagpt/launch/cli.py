@@ -1,7 +1,8 @@
-"""`megagpt launch local|slurm|sweep` and `megagpt sweep-report`."""
+"""`megagpt launch local|slurm|sweep|preprocess` and `megagpt sweep-report`."""
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from pathlib import Path
@@ -49,8 +50,32 @@ def add_launch_commands(sub) -> None:
     _add_slurm_options(sweep)
     _add_common(sweep)
 
+    _add_preprocess_parser(actions)
+
     report = sub.add_parser("sweep-report", help="final validation loss of every sweep run")
     report.add_argument("directory", help="the --output-dir of `megagpt launch sweep`")
+
+
+def _add_preprocess_parser(actions) -> None:
+    preprocess = actions.add_parser(
+        "preprocess",
+        help="megagpt-preprocess as dependent SLURM array jobs (scan, dedup, tokenize)",
+        description="Submit a megagpt-preprocess job spread over an array of tasks; the "
+        "arguments after -- are megagpt-preprocess's own.",
+    )
+    preprocess.add_argument("--array", type=int, required=True, help="tasks per phase")
+    preprocess.add_argument("--cpus-per-task", type=int, default=1, help="workers per task")
+    for option in ("partition", "account", "qos", "constraint", "mem"):
+        preprocess.add_argument(f"--{option}")
+    preprocess.add_argument("--time", help="time limit of each task")
+    preprocess.add_argument("--max-parallel", type=int, help="array tasks running at once")
+    preprocess.add_argument("--job-name", default="megagpt-preprocess")
+    preprocess.add_argument("--sbatch-arg", action="append", default=[], metavar="--NAME=VALUE")
+    preprocess.add_argument("--template", type=Path, help="an edited preprocess.sbatch.template")
+    preprocess.add_argument("--dry-run", action="store_true", help="print the scripts only")
+    preprocess.add_argument(
+        "arguments", nargs=argparse.REMAINDER, help="-- then megagpt-preprocess's arguments"
+    )
 
 
 def _add_common(p) -> None:
@@ -149,6 +174,8 @@ def run_launch(args) -> int:
     from megagpt.config import load_config
     from megagpt.data import check_data_config
 
+    if args.action == "preprocess":
+        return _preprocess(args)
     config = load_config(args.config, args.overrides)  # bad settings fail here, once
     check_data_config(config.data)
     if args.action == "local":
@@ -228,6 +255,35 @@ def _sweep(args) -> int:
         print(f"submitted job array {job_id} ({len(points)} runs) from {sweep.directory}")
         print(f"logs: {log_file}")
         print(f"report: megagpt sweep-report {sweep.directory}")
+    return 0
+
+
+def _preprocess(args) -> int:
+    from megagpt.launch import preprocess
+
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    job = preprocess.PreprocessJob(
+        arguments=arguments,
+        array=args.array,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        mem=args.mem,
+        max_parallel=args.max_parallel,
+        job_name=args.job_name,
+        sbatch_args=args.sbatch_arg,
+    )
+    template = args.template or preprocess.TEMPLATE
+    if args.dry_run:
+        print(preprocess.dry_run(job, template), end="")
+        return 0
+    for phase, job_id in preprocess.submit(job, template):
+        print(f"submitted {phase} as job {job_id}")
+    print(f"logs: {job.log_directory()}")
+    print(f"manifest when done: {job.output_prefix()}.manifest.json")
     return 0
 
 

@@ -23,7 +23,7 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch.templa
 
 # Values that go into "#SBATCH --key=value" lines, which sbatch reads without a shell:
 # no spaces, quotes or anything that could end the line.
-_HEADER_VALUE = re.compile(r"^[A-Za-z0-9_.,:=%@/+\-\[\]]+$")
+HEADER_VALUE = re.compile(r"^[A-Za-z0-9_.,:=%@/+\-\[\]]+$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -100,13 +100,13 @@ def validate_job(job: SlurmJob) -> None:
             )
     named = [("--job-name", job.job_name), ("--output (under train.output_dir)", job.log_path)]
     for option, value in [*named, *_optional_header_options(job)]:
-        if value is not True and not _HEADER_VALUE.match(str(value)):
+        if value is not True and not HEADER_VALUE.match(str(value)):
             raise ConfigError(
                 f"{option} = {str(value)!r}: sbatch header values may hold letters, digits "
                 "and _.,:=%@/+-[] only (no spaces or quotes)"
             )
     for arg in job.sbatch_args:
-        if not arg.startswith("--") or not _HEADER_VALUE.match(arg[2:]):
+        if not arg.startswith("--") or not HEADER_VALUE.match(arg[2:]):
             raise ConfigError(
                 f"--sbatch-arg {arg!r}: write one sbatch option as --name=value, "
                 "e.g. --sbatch-arg=--mail-type=END"
@@ -194,7 +194,7 @@ def fill_template(text: str, values: dict[str, str], source: Path | str) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
 
-def _submit(script: str, script_path: Path) -> str:
+def submit_script(script: str, script_path: Path) -> str:
     """Write `script` to `script_path` and submit it; returns the job id."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
@@ -217,7 +217,7 @@ def submit_job(job: SlurmJob, template: Path = TEMPLATE) -> tuple[str, Path]:
     script = render_script(job, template)
     log_dir = job.log_path.parent
     log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create it
-    job_id = _submit(script, log_dir / f"{job.job_name}.sbatch")
+    job_id = submit_script(script, log_dir / f"{job.job_name}.sbatch")
     log_file = str(job.log_path).replace("%j", job_id)
     if job.array:
         log_file = log_file.replace("%A", job_id).replace("%a", "*")
