@@ -70,7 +70,7 @@ def describe(dataset: IndexedDataset) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="megagpt-inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("prefix", help="dataset prefix (<prefix>.bin/.idx)")
-    p.add_argument("--tokenizer", help="sentencepiece model to decode sample documents")
+    p.add_argument("--tokenizer", help="tokenizer (.model or .json) to decode samples with")
     p.add_argument("--samples", type=int, default=2, help="random documents to decode")
     p.add_argument("--documents", type=int, nargs="*", default=(), help="these documents too")
     p.add_argument("--seed", type=int, default=0)

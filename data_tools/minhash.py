@@ -70,11 +70,9 @@ def settings_for_threshold(
     """Bands and rows (bands × rows ≤ max_hashes) whose S-curve midpoint is closest to
     `threshold`; among equally close ones, the one using the most hash functions."""
     best = min(
-
-            (abs((1 / b) ** (1 / r) - threshold), -b * r, b, r)
-            for r in range(1, max_hashes + 1)
-            for b in range(1, max_hashes // r + 1)
-
+        (abs((1 / b) ** (1 / r) - threshold), -b * r, b, r)
+        for r in range(1, max_hashes + 1)
+        for b in range(1, max_hashes // r + 1)
     )
     return MinHashSettings(bands=best[2], rows=best[3], shingle_words=shingle_words)
 

@@ -172,8 +172,9 @@ def _generate(args) -> None:
     model, config, _ = load_model_for_inference(args.checkpoint, args.device)
     if not config.data.tokenizer:
         raise CheckpointError(
-            f"{args.checkpoint} names no tokenizer (data.tokenizer) and holds no "
-            "tokenizer.model: generation needs the tokenizer the model was trained with"
+            f"{args.checkpoint} names no tokenizer (data.tokenizer) and holds no copy of one "
+            "(tokenizer.model or tokenizer.json): generation needs the tokenizer the model "
+            "was trained with"
         )
     texts = generate_text(
         model,

@@ -153,7 +153,7 @@ def test_train_tokenizer_from_jsonl_samples_bounded_lines(tmp_path, documents, c
     ]
     assert train_tokenizer.main(args) == 0
     tok = Tokenizer(model)
-    assert tok.vocab_size == 600 and tok.sp.piece_to_id("<sep>") == 4
+    assert tok.vocab_size == 600 and tok.piece_to_id("<sep>") == 4
     assert f"{len(documents):,} documents" in capsys.readouterr().out
 
 

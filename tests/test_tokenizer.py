@@ -6,7 +6,7 @@ from megagpt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 def test_special_ids(tokenizer):
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (BOS_ID, EOS_ID, PAD_ID)
     assert tokenizer.eod_id == tokenizer.eos_id
-    assert tokenizer.sp.unk_id() == UNK_ID
+    assert tokenizer.unk_id == UNK_ID and tokenizer.kind == "sentencepiece"
     assert tokenizer.vocab_size == 512
 
 
@@ -33,7 +33,8 @@ def test_training_from_a_generator_with_bounded_sample(tmp_path, documents):
         user_defined_symbols=["<sep>"],
     )
     assert tok.vocab_size == 600
-    assert tok.sp.piece_to_id("<sep>") == 4  # right after unk, bos, eos, pad
+    assert tok.piece_to_id("<sep>") == 4  # right after unk, bos, eos, pad
+    assert tok.id_to_piece(4) == "<sep>" and tok.piece_to_id("<not a piece>") is None
     assert tok.decode(tok.encode("line 12 <sep> corpus")) == "line 12 <sep> corpus"
     assert not (tmp_path / "gen.model.tmp").exists()
 

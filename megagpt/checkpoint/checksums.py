@@ -25,10 +25,10 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 
 from megagpt.checkpoint.layout import (
     METADATA,
-    TOKENIZER,
     CheckpointError,
     checkpoints_newest_first,
     read_metadata,
+    tokenizer_copy,
 )
 
 CHUNK = 8 << 20
@@ -104,11 +104,11 @@ class ChecksummingWriter(FileSystemWriter):
 
 def checkpoint_sums(directory: Path, shard_sums: list[dict[str, dict]]) -> dict[str, dict]:
     """The checksums metadata.json records: every rank's state/ files, as written, and
-    the tokenizer copy. config.yaml is left out on purpose: it is text people may edit
+    the tokenizer's copy. config.yaml is left out on purpose: it is text people may edit
     (paths on another machine), and damage to it fails parsing or the shape check."""
     sums = {name: s for part in shard_sums for name, s in part.items()}
-    if (directory / TOKENIZER).is_file():
-        sums[TOKENIZER] = file_summary(directory / TOKENIZER)
+    for name, path in tokenizer_copy(directory).items():
+        sums[name] = file_summary(path)
     return dict(sorted(sums.items()))
 
 

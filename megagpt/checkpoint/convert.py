@@ -26,19 +26,19 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the checkpoint as a transformers model directory, with its tokenizer."""
     directory = layout.resolve_checkpoint_dir(checkpoint)
     state, config = consolidated_state_dict(directory)
-    tokenizer = directory / layout.TOKENIZER
-    return save_hf(state, config.model, Path(out), tokenizer if tokenizer.is_file() else None)
+    return save_hf(state, config.model, Path(out), layout.tokenizer_file(directory))
 
 
 def save_hf(
-    state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, tokenizer_model: Path | None = None
+    state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, tokenizer: Path | None = None
 ) -> Path:
-    """Write a transformers model directory (config.json, model.safetensors, tokenizer)."""
+    """Write a transformers model directory (config.json, model.safetensors, and the
+    tokenizer: a sentencepiece tokenizer.model or a tokenizer.json, with its config)."""
     import transformers
 
-    special = None
-    if tokenizer_model is not None:
-        tok = Tokenizer(tokenizer_model)
+    special, tok = None, None
+    if tokenizer is not None:
+        tok = Tokenizer(tokenizer)
         special = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
     config = hf.hf_config(cfg, special)
     with torch.device("meta"):
@@ -54,12 +54,37 @@ def save_hf(
         model.tie_weights()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    if tokenizer_model is not None:
-        _save_tokenizer(tokenizer_model, out)
+    if tok is not None and tok.kind == "hf":
+        _save_hf_tokenizer(tok, out)
+    elif tok is not None:
+        _save_sentencepiece_tokenizer(tok.path, out)
     return out
 
 
-def _save_tokenizer(tokenizer_model: Path, out: Path) -> None:
+def _save_hf_tokenizer(tok: Tokenizer, out: Path) -> None:
+    """The tokenizer.json as it is, with a config that makes AutoTokenizer encode as
+    megagpt does: no BOS/EOS added, special-token text in a document kept as text
+    (split_special_tokens), and decoded text left as it is (no clean-up of spaces). What
+    else the tokenizer_config.json read with it said (a chat template) is kept."""
+    shutil.copyfile(tok.path, out / "tokenizer.json")
+    config = json.loads(tok.config_path.read_text()) if tok.config_path else {}
+    config.update(
+        tokenizer_class="PreTrainedTokenizerFast",
+        add_bos_token=False,
+        add_eos_token=False,
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+        bos_token=tok.id_to_piece(tok.bos_id),
+        eos_token=tok.id_to_piece(tok.eos_id),
+        pad_token=tok.id_to_piece(tok.pad_id),
+        model_max_length=config.get("model_max_length", 1_000_000),
+    )
+    if tok.unk_id is not None:
+        config["unk_token"] = tok.id_to_piece(tok.unk_id)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _save_sentencepiece_tokenizer(tokenizer_model: Path, out: Path) -> None:
     """The sentencepiece model with a config transformers' LlamaTokenizer reads (it
     converts it to a fast tokenizer: the same ids, except for text that starts with
     spaces, where sentencepiece's dummy prefix is handled differently)."""
@@ -109,13 +134,17 @@ def import_hf(model_dir: str | Path, out: str | Path, overrides: Sequence[str] =
         [f"train.output_dir={out}", *overrides],
         "import",
     )
-    tokenizer = model_dir / "tokenizer.model"
-    if tokenizer.is_file():
+    # A directory with both (Llama 2's) keeps the sentencepiece original.
+    tokenizer = next(
+        (model_dir / n for n in ("tokenizer.model", "tokenizer.json") if (model_dir / n).is_file()),
+        None,
+    )
+    if tokenizer is not None:
         config.data.tokenizer = str(tokenizer)
     else:
         log.warning(
-            "%s has no sentencepiece tokenizer.model; set data.tokenizer to the "
-            "sentencepiece model your data was tokenized with",
+            "%s has no tokenizer.model or tokenizer.json; set data.tokenizer to the "
+            "tokenizer your data was tokenized with",
             model_dir,
         )
     return write_weights_checkpoint(

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from megagpt.checkpoint.checksums import checkpoint_problems, damaged_error
-from megagpt.checkpoint.layout import TOKENIZER, read_metadata, resolve_checkpoint_dir
+from megagpt.checkpoint.layout import read_metadata, resolve_checkpoint_dir, tokenizer_file
 from megagpt.checkpoint.manager import load_state
 from megagpt.config import Config, load_config
 from megagpt.model import build_model
@@ -15,8 +15,9 @@ from megagpt.model import build_model
 
 def checkpoint_config(directory: Path) -> Config:
     config = load_config(directory / "config.yaml")
-    if (directory / TOKENIZER).is_file():
-        config.data.tokenizer = str(directory / TOKENIZER)
+    tokenizer = tokenizer_file(directory)
+    if tokenizer is not None:
+        config.data.tokenizer = str(tokenizer)
     return config
 
 

@@ -3,7 +3,9 @@
     <root>/step_00000600/
         state/             torch.distributed.checkpoint shards: model, optimizer, RNG
         config.yaml        the resolved config of the run that wrote it
-        tokenizer.model    a copy of the tokenizer, so the directory stands alone
+        tokenizer.model    a copy of the tokenizer, so the directory stands alone: a
+                           sentencepiece model, or tokenizer.json (with the
+                           tokenizer_config.json it was read with, if any)
         metadata.json      step, consumed samples/tokens, loss, layout, versions
     <root>/latest          the name of the newest complete checkpoint
 
@@ -25,6 +27,7 @@ from typing import Any
 import megagpt
 from megagpt.config import Config, save_config
 from megagpt.errors import MegagptError
+from megagpt.tokenizer import tokenizer_files
 from megagpt.utils.files import atomic_write, fsync_directory
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,9 @@ LATEST = "latest"
 STATE_DIR = "state"
 METADATA = "metadata.json"
 TOKENIZER = "tokenizer.model"
+"""The copy of a sentencepiece tokenizer (the only kind before tokenizer.json)."""
+TOKENIZER_FILES = (TOKENIZER, "tokenizer.json", "tokenizer_config.json")
+"""Every name a tokenizer copy may have (see megagpt.tokenizer.tokenizer_files)."""
 
 
 class CheckpointError(MegagptError):
@@ -73,8 +79,20 @@ def start_partial(root: Path, step: int, config: Config) -> Path:
     save_config(config, partial / "config.yaml")
     tokenizer = config.data.tokenizer
     if tokenizer and Path(tokenizer).is_file():
-        shutil.copyfile(tokenizer, partial / TOKENIZER)
+        for name, source in tokenizer_files(tokenizer).items():
+            shutil.copyfile(source, partial / name)
     return partial
+
+
+def tokenizer_copy(directory: Path) -> dict[str, Path]:
+    """The files of the checkpoint's copy of its tokenizer, by name (empty if none)."""
+    return {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+
+
+def tokenizer_file(directory: Path) -> Path | None:
+    """The checkpoint's copy of its tokenizer, of either kind, if it has one."""
+    copy = tokenizer_copy(directory)
+    return copy.get(TOKENIZER, copy.get(TOKENIZER_FILES[1]))
 
 
 def delete(directory: Path) -> None:

@@ -50,6 +50,7 @@ from megagpt.config import Config, ModelConfig
 from megagpt.model.build import build_meta_model
 from megagpt.parallel.optimizer import Optimizers
 from megagpt.parallel.train_module import TrainModule
+from megagpt.tokenizer import tokenizer_files
 from megagpt.utils.files import file_sha256, filesystem_of, out_of_space
 
 log = logging.getLogger(__name__)
@@ -281,8 +282,13 @@ class Checkpointer:
     def _check_tokenizer(self, directory: Path) -> None:
         """A resume must tokenize as the checkpoint's model learned to: the next
         checkpoint would otherwise store the new tokenizer with the old weights."""
-        ours, theirs = self.config.data.tokenizer, directory / layout.TOKENIZER
-        if ours and theirs.is_file() and file_sha256(ours) != file_sha256(theirs):
+        ours, theirs = self.config.data.tokenizer, layout.tokenizer_file(directory)
+        if not ours or theirs is None:
+            return
+        copy = layout.tokenizer_copy(directory)
+        stored = {name: file_sha256(path) for name, path in copy.items()}
+        given = {name: file_sha256(path) for name, path in tokenizer_files(ours).items()}
+        if given != stored:  # a tokenizer_config.json beside it can change the EOD id
             raise CheckpointError(
                 f"{directory} was trained with the tokenizer {theirs}, but data.tokenizer = "
                 f"{ours} is a different one (the files differ); resume with "

@@ -146,7 +146,8 @@ class DataConfig:
     """Relative sizes of the train, validation and test splits, by documents."""
 
     tokenizer: str | None = None
-    """Path of the sentencepiece .model file the data was tokenized with."""
+    """Path of the tokenizer the data was tokenized with: a sentencepiece .model file or a
+    Hugging Face tokenizer.json."""
 
     seq_len: int = 128
     """Tokens per training sample; at most model.max_seq_len."""
