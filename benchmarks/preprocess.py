@@ -8,7 +8,15 @@ trains one sentencepiece BPE model, then measures on the same cores with that mo
   (b) Megatron-LM's preprocess_data.py algorithm (megatron_preprocess_baseline.py)
   (c) the tokenizer alone: sentencepiece encoding the same texts on all cores
 
-and prints MB/s and tokens/s of each (best of --repeats interleaved runs), the ratios
+With datatrove installed (pip install datatrove), it also trains a byte-level BPE
+tokenizer.json of the same vocabulary size and compares, with that one file:
+
+  (d) datatrove's DocumentTokenizer stage (W tasks, W workers, no shuffling)
+  (e) megagpt-preprocess's tokenize stage alone (no cleaning, no dedup), --workers W
+
+printing e/d. (MinHash deduplication against datatrove: benchmarks/near_dedup.py.)
+
+It prints MB/s and tokens/s of each (best of --repeats interleaved runs), the ratios
 a/b and a/c, the CPU seconds each spends (a measure of work that a busy shared machine
 does not distort the way it does wall time), and the peak memory (RSS summed over the
 whole process tree, sampled every 20 ms) of (a) and (b) on the corpus and on 4x it.
@@ -24,6 +32,7 @@ import gzip
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -131,6 +140,49 @@ def train_tokenizer(work: Path, corpus: Path, vocab: int) -> Path:
     return model
 
 
+def train_byte_bpe(work: Path, corpus: Path, vocab: int) -> Path:
+    path = work / f"bbpe{vocab}.json"
+    if not path.exists():
+        subprocess.run(
+            [sys.executable, "-m", "data_tools.train_tokenizer", str(corpus), "--type",
+             "byte-bpe", "--model", str(path), "--vocab-size", str(vocab),
+             "--sample-chars", "30000000"],
+            check=True,
+        )  # fmt: skip
+    return path
+
+
+DATATROVE_TOKENIZE = """
+import sys
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.tokens import DocumentTokenizer
+corpus, tokenizer, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+tokenize = DocumentTokenizer(out, tokenizer_name_or_path=tokenizer, eos_token="<|endoftext|>",
+                             shuffle_documents=False)
+LocalPipelineExecutor(pipeline=[JsonlReader(corpus), tokenize], tasks=workers, workers=workers,
+                      logging_dir=out + "_logs", skip_completed=False).run()
+"""
+
+
+def measure_datatrove(inputs: list[Path], tokenizer: Path, out: Path, workers: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(f"{out}_logs", ignore_errors=True)
+    folder = out.parent / "datatrove_inputs"
+    if not folder.exists():  # datatrove reads a folder: the same files, linked
+        folder.mkdir(parents=True)
+        for path in inputs:
+            (folder / path.name).symlink_to(path.resolve())
+    command = [sys.executable, "-c", DATATROVE_TOKENIZE, str(folder), str(tokenizer), str(out),
+               str(workers)]  # fmt: skip
+    seconds, peak, _, cpu = run_measured(command)
+    from tokenizers import Tokenizer
+
+    width = 2 if Tokenizer.from_file(str(tokenizer)).get_vocab_size() <= 2**16 else 4
+    tokens = sum(p.stat().st_size for p in out.rglob("*.ds")) // width  # as datatrove stores
+    return {"seconds": seconds, "peak_rss": peak, "tokens": tokens, "cpu": cpu}
+
+
 def run_measured(command: list[str], env: dict | None = None) -> tuple[float, int, str, float]:
     """Wall seconds, peak RSS of the process tree (bytes), stdout, and CPU seconds of
     the whole tree (every process in it is waited for by its parent, so the kernel's
@@ -177,7 +229,12 @@ def text_megabytes(corpus: Path) -> float:
         return sum(len(json.loads(line)["text"].encode()) for line in f) / 1e6
 
 
-def measure_ours(inputs: list[Path], model: Path, out: Path, workers: int) -> dict:
+TOKENIZE_ONLY = ("--no-dedup", "--no-normalize", "--no-strip-control", "--no-strip-markup")
+
+
+def measure_ours(
+    inputs: list[Path], model: Path, out: Path, workers: int, extra: tuple[str, ...] = ()
+) -> dict:
     command = [
         sys.executable,
         "-m",
@@ -190,6 +247,7 @@ def measure_ours(inputs: list[Path], model: Path, out: Path, workers: int) -> di
         "--workers",
         str(workers),
         "--overwrite",
+        *extra,
     ]
     seconds, peak, _, cpu = run_measured(command)
     summary = json.loads(Path(f"{out}.summary.json").read_text())
@@ -224,6 +282,7 @@ def main() -> None:
     p.add_argument("--work-dir", default="runs/bench-preprocess")
     p.add_argument("--repeats", type=int, default=3, help="runs of each on the 1x corpus")
     p.add_argument("--skip-4x", action="store_true", help="only the 1x corpus")
+    p.add_argument("--skip-datatrove", action="store_true", help="no (d)/(e) comparison")
     args = p.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -268,6 +327,8 @@ def main() -> None:
     print(
         f"peak RSS 1x: (a) {a['peak_rss'] / 2**20:,.0f} MiB  (b) {b['peak_rss'] / 2**20:,.0f} MiB"
     )
+    if not args.skip_datatrove:
+        compare_datatrove(args, work, corpus, megabytes)
     if not args.skip_4x:
         a4 = measure_ours(copies, model, work / "out/ours4x", args.workers)
         joined = work / "corpus4x.jsonl"
@@ -287,6 +348,31 @@ def main() -> None:
         rate_a4, rate_b4 = 4 * megabytes / a4["seconds"], 4 * megabytes / b4["seconds"]
         print(f"4x corpus: (a) {rate_a4:.2f} MB/s  (b) {rate_b4:.2f} MB/s")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+def compare_datatrove(args, work: Path, corpus: Path, megabytes: float) -> None:
+    tokenizer = train_byte_bpe(work, corpus, args.vocab_size)
+    runs: dict[str, list[dict]] = {"d": [], "e": []}
+    measure = {
+        "d": lambda: measure_datatrove([corpus], tokenizer, work / "out/datatrove", args.workers),
+        "e": lambda: measure_ours(
+            [corpus], tokenizer, work / "out/ours_tokenize", args.workers, TOKENIZE_ONLY
+        ),
+    }
+    for repeat in range(args.repeats):
+        for key in "de" if repeat % 2 == 0 else "ed":
+            runs[key].append(measure[key]())
+    best = {key: min(results, key=lambda r: r["seconds"]) for key, results in runs.items()}
+    names = {"d": "datatrove tokenize", "e": "megagpt tokenize"}
+    for key in "de":
+        spread = sorted(megabytes / r["seconds"] for r in runs[key])
+        print(
+            f"({key}) {names[key]:<20} {megabytes / best[key]['seconds']:6.2f} MB/s  "
+            f"{best[key]['tokens'] / best[key]['seconds'] / 1e6:5.2f} M tokens/s  "
+            f"peak RSS {best[key]['peak_rss'] / 2**20:,.0f} MiB  "
+            f"(all: {', '.join(f'{x:.2f}' for x in spread)})"
+        )
+    print(f"e/d = {best['d']['seconds'] / best['e']['seconds']:.2f} ({tokenizer.name})")
 
 
 if __name__ == "__main__":

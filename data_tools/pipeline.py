@@ -66,6 +66,9 @@ class PreprocessOptions:
     def fingerprint(self) -> dict:
         """What decides the output; a restart must match it to resume."""
         near = {"near_dedup": asdict(self.near_dedup)} if self.near_dedup else {}
+        cleaning = asdict(self.cleaning)
+        if not self.cleaning.filters.enabled:  # as recorded before filters existed
+            cleaning.pop("filters")
         return {
             **near,
             "inputs": [
@@ -76,7 +79,7 @@ class PreprocessOptions:
             "shard_tokens": self.shard_tokens,
             "max_record_bytes": self.max_record_bytes,
             "txt_unit": self.txt_unit,
-            "cleaning": asdict(self.cleaning),
+            "cleaning": cleaning,
             "dedup": self.dedup,
         }
 

@@ -322,3 +322,54 @@ def test_a_restarted_dedup_phase_redoes_only_unfinished_partitions(
     assert {k: again[k] for k in done if k != "seconds"} == {
         k: done[k] for k in done if k != "seconds"
     }
+
+
+def test_tasks_without_files_write_nothing_and_the_job_completes(tmp_path, planted, tokenizer):
+    inputs = write_parts(tmp_path / "in", planted, 2)  # 2 files for 3 tasks: one gets none
+    assert preprocess(inputs, tokenizer, tmp_path / "one/c", "--near-dedup") == 0
+    run_tasks(inputs, tokenizer, tmp_path / "three/c", 3, "--near-dedup")
+    assert job_outputs(tmp_path / "three/c") == job_outputs(tmp_path / "one/c")
+    manifests = [read_manifest(tmp_path / f"three/c_task{i:05d}.manifest.json") for i in range(3)]
+    assert sorted(len(m) for m in manifests) == [0, 1, 1]
+
+
+def tokenize_command(inputs, tokenizer, prefix, task):
+    return [
+        sys.executable, "-m", "data_tools.preprocess", *map(str, inputs), "--tokenizer",
+        str(tokenizer.path), "--output-prefix", str(prefix), "--workers", "1", "--batch-mb",
+        "0.002", "--near-dedup", "--num-tasks", "2", "--phase", "tokenize", "--task-index",
+        str(task), "--shard-tokens", "3000",
+    ]  # fmt: skip
+
+
+def test_a_killed_tokenize_task_resumes_to_the_same_bytes(tmp_path, planted, tokenizer):
+    inputs = write_parts(tmp_path / "in", planted * 2, 4)
+    near = ("--near-dedup", "--shard-tokens", "3000")
+    run_tasks(inputs, tokenizer, tmp_path / "whole/c", 2, *near)
+    prefix = tmp_path / "killed/c"
+    for phase, index in (("scan", 0), ("scan", 1), ("dedup", 0)):
+        assert preprocess(inputs, tokenizer, prefix, "--num-tasks", "2", *near, "--phase", phase,
+                          "--task-index", str(index)) == 0  # fmt: skip
+    process = subprocess.Popen(tokenize_command(inputs, tokenizer, prefix, 0),
+                               start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    marker = tmp_path / "killed/c_task00000.state/shard_00001.done"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    reruns = [
+        subprocess.run(tokenize_command(inputs, tokenizer, prefix, task), capture_output=True,
+                       text=True)
+        for task in (0, 1)
+    ]  # fmt: skip
+    assert [r.returncode for r in reruns] == [0, 0], reruns[0].stderr + reruns[1].stderr
+    assert re.search(r"resumed after [1-9]\d* shards", reruns[0].stdout)
+    assert "job complete: 2 tasks" in reruns[1].stdout
+    assert job_outputs(prefix) == job_outputs(tmp_path / "whole/c")
+    for shard in read_manifest(tmp_path / "whole/c.manifest.json"):
+        other = str(shard.prefix).replace("/whole/", "/killed/")
+        for ext in (".bin", ".idx"):
+            assert open(shard.prefix + ext, "rb").read() == open(other + ext, "rb").read()
