@@ -46,7 +46,12 @@ def tokenizer(tmp_path_factory, documents) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def dataset_prefix(tmp_path_factory, documents, tokenizer) -> str:
-    prefix = tmp_path_factory.mktemp("data") / "docs_text_document"
+    return write_documents(tmp_path_factory.mktemp("data"), documents, tokenizer)
+
+
+def write_documents(directory: Path, documents: list[str], tokenizer: Tokenizer) -> str:
+    """`documents` tokenized, each ending in EOD, as directory/docs_text_document.bin/.idx."""
+    prefix = directory / "docs_text_document"
     with IndexedDatasetWriter(prefix, token_dtype(tokenizer.vocab_size)) as writer:
         for ids in tokenizer.encode_batch(documents):
             writer.add_document(np.asarray([*ids, tokenizer.eod_id]))

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -20,11 +19,11 @@ from megagpt.checkpoint import layout, verify_checkpoints
 from megagpt.checkpoint.convert import export_hf, import_hf
 from megagpt.checkpoint.inference import checkpoint_config
 from megagpt.config import apply_overrides, load_config
-from megagpt.data import IndexedDataset, IndexedDatasetWriter, token_dtype
+from megagpt.data import IndexedDataset
 from megagpt.tokenizer import Tokenizer, TokenizerError
 from megagpt.tokenizer.byte_bpe import PIECE_CHARS, SampleCounts, sample_pieces, text_pieces
 from megagpt.training.trainer import train
-from tests.conftest import TEST_VOCAB, tiny_overrides
+from tests.conftest import TEST_VOCAB, tiny_overrides, write_documents
 
 TRICKY = [
     "The for statement iterates over a sequence.",
@@ -48,11 +47,7 @@ def byte_bpe(tmp_path_factory, documents) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def byte_bpe_prefix(tmp_path_factory, documents, byte_bpe) -> str:
-    prefix = tmp_path_factory.mktemp("byte_bpe_data") / "docs_text_document"
-    with IndexedDatasetWriter(prefix, token_dtype(byte_bpe.vocab_size)) as writer:
-        for ids in byte_bpe.encode_batch(documents):
-            writer.add_document(np.asarray([*ids, byte_bpe.eod_id]))
-    return str(prefix)
+    return write_documents(tmp_path_factory.mktemp("byte_bpe_data"), documents, byte_bpe)
 
 
 def user_tokenizer(path, documents, specials=("<|endoftext|>",), post_processor=None):

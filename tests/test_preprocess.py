@@ -103,20 +103,26 @@ def test_exact_duplicates_are_removed_across_files(tmp_path, texts, tokenizer):
     assert summary["documents_out"] == 32 + 23
 
 
+DIRTY_RECORDS = [
+    b"",  # empty line
+    b'{"text": "unterminated',  # malformed JSON
+    b'\xff\xfe{"text": "bad bytes \xc3\x28"}',  # invalid UTF-8
+    bytes(b for b in range(256) if b != ord("\n")) * 4,  # binary junk
+    b'{"title": "no text field"}',
+    b'{"text": 42}',  # wrong type
+    b'{"text": "lone surrogate \\ud800"}',
+    b'["an", "array"]',
+    b'{"text": "   \\u0000\\u0001  "}',  # nothing left after cleaning
+]
+"""jsonl lines of every kind of bad record but the oversized one (one of each)."""
+
+
 def test_dirty_inputs_are_counted_and_never_fatal(tmp_path, texts, tokenizer):
     good = texts[:10]
     lines = [json.dumps({"text": t}).encode() for t in good]
     dirty = [
         lines[0],
-        b"",  # empty line
-        b'{"text": "unterminated',  # malformed JSON
-        b'\xff\xfe{"text": "bad bytes \xc3\x28"}',  # invalid UTF-8
-        bytes(b for b in range(256) if b != ord("\n")) * 4,  # binary junk
-        b'{"title": "no text field"}',
-        b'{"text": 42}',  # wrong type
-        b'{"text": "lone surrogate \\ud800"}',
-        b'["an", "array"]',
-        b'{"text": "   \\u0000\\u0001  "}',  # nothing left after cleaning
+        *DIRTY_RECORDS,
         lines[1],
         b'{"text": "' + b"x" * (50 << 20) + b'"}',  # a 50 MB document
         *lines[2:6],

@@ -16,7 +16,13 @@ from data_tools.quality_settings import (
 )
 from data_tools.reasons import Reason
 from data_tools.sources import InputError
-from tests.test_preprocess import expected_tokens, run, shard_documents, write_jsonl
+from tests.test_preprocess import (
+    DIRTY_RECORDS,
+    expected_tokens,
+    run,
+    shard_documents,
+    write_jsonl,
+)
 
 
 def check(text, names, *overrides):
@@ -389,15 +395,7 @@ def test_preprocess_with_filters_counts_each_rule_and_dirty_input(
     )
     records = [json.dumps({"text": t}).encode() for t in [*good, trimmed, *(t for t, _ in planted)]]
     dirty = [
-        b"",  # empty line
-        b'{"text": "unterminated',  # malformed JSON
-        b'\xff\xfe{"text": "bad bytes \xc3\x28"}',  # invalid UTF-8
-        bytes(b for b in range(256) if b != ord("\n")) * 4,  # binary junk
-        b'{"title": "no text field"}',
-        b'{"text": 42}',  # wrong type
-        b'{"text": "lone surrogate \\ud800"}',
-        b'["an", "array"]',
-        b'{"text": "   \\u0000\\u0001  "}',  # nothing left after cleaning
+        *DIRTY_RECORDS,
         b'{"text": "' + b"x" * (2 << 20) + b'"}',  # over --max-record-mb
     ]
     mixed = [line for pair in zip(records, dirty) for line in pair] + records[len(dirty) :]

@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megagpt.config.errors import ConfigError
-from megagpt.launch.slurm import HEADER_VALUE, fill_template, submit_script, time_limit_seconds
+from megagpt.launch.slurm import (
+    check_header_values,
+    fill_template,
+    submit_script,
+    time_limit_seconds,
+)
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "preprocess.sbatch.template"
 _OWN_OPTIONS = ("--num-tasks", "--task-index", "--phase", "--overwrite")
@@ -81,15 +86,9 @@ def validate(job: PreprocessJob) -> None:
             )
     if job.time is not None:
         time_limit_seconds(job.time)
-    for option, value in _header_options(job, "scan"):
-        if value is not True and not HEADER_VALUE.match(str(value)):
-            raise ConfigError(
-                f"{option} = {str(value)!r}: sbatch header values may hold letters, digits "
-                "and _.,:=%@/+-[] only (no spaces or quotes)"
-            )
-    for argument in job.sbatch_args:
-        if not argument.startswith("--") or not HEADER_VALUE.match(argument[2:]):
-            raise ConfigError(f"--sbatch-arg {argument!r}: write one option as --name=value")
+    check_header_values(
+        [("--job-name", job.job_name), *_header_options(job, "scan")], job.sbatch_args
+    )
     from data_tools.preprocess import build_parser, options_from_args
 
     checked = [*job.arguments, "--num-tasks", str(job.array), "--phase", "scan"]

@@ -23,7 +23,7 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch.templa
 
 # Values that go into "#SBATCH --key=value" lines, which sbatch reads without a shell:
 # no spaces, quotes or anything that could end the line.
-HEADER_VALUE = re.compile(r"^[A-Za-z0-9_.,:=%@/+\-\[\]]+$")
+_HEADER_VALUE = re.compile(r"^[A-Za-z0-9_.,:=%@/+\-\[\]]+$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -99,14 +99,19 @@ def validate_job(job: SlurmJob) -> None:
                 f"{job.time} ({limit} s): the warning would come before the job starts"
             )
     named = [("--job-name", job.job_name), ("--output (under train.output_dir)", job.log_path)]
-    for option, value in [*named, *_optional_header_options(job)]:
-        if value is not True and not HEADER_VALUE.match(str(value)):
+    check_header_values([*named, *_optional_header_options(job)], job.sbatch_args)
+
+
+def check_header_values(options: list[tuple[str, object]], sbatch_args: list[str]) -> None:
+    """Raise a ConfigError for a value sbatch would misread in a "#SBATCH" line."""
+    for option, value in options:
+        if value is not True and not _HEADER_VALUE.match(str(value)):
             raise ConfigError(
                 f"{option} = {str(value)!r}: sbatch header values may hold letters, digits "
                 "and _.,:=%@/+-[] only (no spaces or quotes)"
             )
-    for arg in job.sbatch_args:
-        if not arg.startswith("--") or not HEADER_VALUE.match(arg[2:]):
+    for arg in sbatch_args:
+        if not arg.startswith("--") or not _HEADER_VALUE.match(arg[2:]):
             raise ConfigError(
                 f"--sbatch-arg {arg!r}: write one sbatch option as --name=value, "
                 "e.g. --sbatch-arg=--mail-type=END"
