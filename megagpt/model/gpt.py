@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,31 @@ from megagpt.config.schema import ModelConfig
 from megagpt.model.kv_cache import KVCache
 from megagpt.utils.seeds import derive_key
 
+IGNORE_INDEX = -100
+"""A target that is not trained on: prompt tokens, padding, a packed example's end."""
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss; logits (B, T, V) are upcast so bf16 runs reduce in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token loss over the targets that are not IGNORE_INDEX, their mean or sum;
+    logits (B, T, V) are upcast so bf16 runs reduce in fp32."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+def example_mask(segments: torch.Tensor) -> torch.Tensor:
+    """The attention mask of packed examples: token i sees token j when j <= i and
+    both belong to the same example. segments (B, T) -> (B, 1, T, T) bool; every row
+    keeps its diagonal, so no query is left without a key."""
+    T = segments.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -54,11 +76,30 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.
     return angles.cos(), angles.sin()
 
 
+@dataclass(frozen=True)
+class Rotary:
+    """The rotary tables for a forward: per-token rows (positions given), or the whole
+    tables and where the sequence starts, sliced by each attention layer to the length
+    it sees (with sequence parallelism a pipeline stage receives only a slice of the
+    sequence, while attention works on all of it)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    start: int | None = None
+
+    def rows(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.start is None:
+            return self.cos, self.sin
+        end = self.start + length
+        return self.cos[self.start : end], self.sin[self.start : end]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by position; cos/sin are the tables' rows for its T positions."""
+    """Rotate x (B, T, H, D) by position; cos/sin are the tables' rows for its tokens'
+    positions, (T, D) when every sequence starts at the same place, else (B, T, D)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # over heads
     return x * cos + rotated * sin
 
 
@@ -86,10 +127,12 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        start_pos: int = 0,
+        rope: Rotary | None,
         kv_cache: KVCache | None = None,
+        examples: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`rope`: the rotary tables; `examples`: the attention mask of packed
+        examples (B, 1, T, T) (see example_mask), or None for causal attention."""
         B, T, _ = x.shape  # with sequence parallelism T is the whole sequence here
         d = self.head_dim
         # Head counts are inferred (-1) so the same code runs on tensor-parallel shards.
@@ -102,12 +145,14 @@ class Attention(nn.Module):
             k = self.k_proj(x).view(B, T, -1, d)
             v = self.v_proj(x).view(B, T, -1, d)
         if rope is not None:
-            cos, sin = (table[start_pos : start_pos + T] for table in rope)
+            cos, sin = rope.rows(T)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, D)
 
         mask, causal = None, True
-        if kv_cache is not None:
+        if examples is not None:
+            mask, causal = examples, False
+        elif kv_cache is not None:
             start = kv_cache.length(self.layer_index)
             k, v = kv_cache.append(self.layer_index, k, v)
             if start > 0:  # new queries see the whole cache and their own causal prefix
@@ -153,8 +198,8 @@ class Block(nn.Module):
         self.mlp_norm = build_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, start_pos=0, kv_cache=None):
-        x = x + self.attn(self.attn_norm(x), rope, start_pos, kv_cache)
+    def forward(self, x, rope=None, kv_cache=None, examples=None):
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache, examples)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -187,33 +232,49 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """tokens (B, T) ids -> logits (B, T, V), or the mean loss if `targets` (B, T)
-        are given. The loss is computed here, inside forward, so that torch.compile
-        fuses it with the output layer and DDP/FSDP see one call. A pipeline stage
-        without the embedding takes hidden states (B, T, C) instead, and one without
-        the head returns them."""
+        """tokens (B, T) ids -> logits (B, T, V), or the loss over the targets (B, T)
+        that are not IGNORE_INDEX if they are given (their mean, or sum with
+        reduction="sum"). The loss is computed here, inside forward, so that
+        torch.compile fuses it with the output layer and DDP/FSDP see one call. A
+        pipeline stage without the embedding takes hidden states (B, T, C) instead, and
+        one without the head returns them.
+
+        Packed examples (fine-tuning): `positions` (B, T) restart at 0 in every example
+        and `segments` (B, T) number the examples of each row, so that attention never
+        crosses from one example into another. Without them token t is at start_pos + t.
+        """
         if self.embed_tokens is not None:
             h = self.embed_tokens(tokens)  # (B, T, C)
             if self.embed_positions is not None:
-                T = tokens.shape[1]
-                idx = torch.arange(start_pos, start_pos + T, device=tokens.device)
-                h = h + self.embed_positions(idx)
+                if positions is None:
+                    T = tokens.shape[1]
+                    positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
+                h = h + self.embed_positions(positions)
             h = self.embed_dropout(h)
         else:
             h = tokens
-        rope = (self.rope_cos, self.rope_sin) if self.config.position_embedding == "rope" else None
+        rope = None
+        if self.config.position_embedding == "rope":
+            if positions is None:
+                rope = Rotary(self.rope_cos, self.rope_sin, start_pos)
+            else:  # packed examples: every row has its own positions
+                rope = Rotary(self.rope_cos[positions], self.rope_sin[positions])
+        examples = example_mask(segments) if segments is not None else None
         for block in self.layers.values():
             if self.checkpoint_fn is not None and self.training and kv_cache is None:
-                h = self.checkpoint_fn(block, h, rope, start_pos, None)
+                h = self.checkpoint_fn(block, h, rope, None, examples)
             else:
-                h = block(h, rope, start_pos, kv_cache)
+                h = block(h, rope, kv_cache, examples)
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.lm_head is not None:
             h = self.lm_head(h)  # (B, T, V)
             if targets is not None:
-                return cross_entropy(h, targets)
+                return cross_entropy(h, targets, reduction)
         return h
 
     def tie_weights(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -9,23 +10,58 @@ import torch
 
 from megagpt.config import Config, ConfigError
 from megagpt.data import global_sample_indices
+from megagpt.model.gpt import IGNORE_INDEX
 from megagpt.utils.seeds import derive_key
 
 if TYPE_CHECKING:  # the train module reads its batches through here
     from megagpt.parallel.train_module import TrainModule
 
 
-def load_microbatch(dataset, indices, vocab_size: int, device: torch.device):
-    """(inputs, targets) of shape (B, T) for the given global sample indices."""
-    tokens = dataset.samples(indices)
-    top = int(tokens.max())
+@dataclass
+class Microbatch:
+    """What the model reads for one microbatch, all (B, T): input ids, the ids to
+    predict (IGNORE_INDEX where nothing is trained: prompts, padding), and for packed
+    fine-tuning examples their positions and example numbers (see GPT.forward)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """The packing inputs, for the model's forward (nothing for plain text)."""
+        return {
+            name: value
+            for name, value in (("positions", self.positions), ("segments", self.segments))
+            if value is not None
+        }
+
+    def supervised_tokens(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+def load_microbatch(dataset, indices, vocab_size: int, device: torch.device) -> Microbatch:
+    """The microbatch of the given global sample indices: windows of seq_len + 1 tokens
+    of a text corpus, or packed examples of a fine-tuning set (`dataset.microbatch`)."""
+    if hasattr(dataset, "microbatch"):
+        arrays = dataset.microbatch(indices)  # inputs, targets, positions, segments
+    else:
+        tokens = dataset.samples(indices)
+        arrays = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    top = int(arrays["inputs"].max())
     if top >= vocab_size:
         raise ConfigError(
             f"{dataset.name} holds token id {top}, but model.vocab_size = "
             f"{vocab_size}; set model.vocab_size to the tokenizer's size"
         )
-    batch = torch.from_numpy(tokens).to(device, non_blocking=True)
-    return batch[:, :-1], batch[:, 1:]
+    return Microbatch(
+        **{
+            name: torch.from_numpy(np.ascontiguousarray(value, dtype=np.int64)).to(
+                device, non_blocking=True
+            )
+            for name, value in arrays.items()
+        }
+    )
 
 
 def microbatch_indices(

@@ -25,7 +25,7 @@ from megagpt.parallel.env import DistributedEnv
 from megagpt.parallel.init import materialize_shards
 from megagpt.parallel.pipeline import build_schedule, split_model, stage_ids
 from megagpt.parallel.tensor_parallel import apply_tensor_parallel
-from megagpt.parallel.train_module import TrainModule
+from megagpt.parallel.train_module import ScaledLoss, TrainModule
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
             "s" if dims.data_enabled else "",
             ZERO_DESCRIPTION[dims.zero_stage],
         )
-    schedule = None
+    schedule, pipeline_loss = None, None
     if dims.pipeline_enabled:
+        pipeline_loss = ScaledLoss()
         microbatches = t.global_batch_size // (t.micro_batch_size * dims.dp)
         schedule = build_schedule(
             parts,
@@ -101,6 +102,7 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
             microbatches,
             env.device,
             mesh.get_group("pp"),
+            pipeline_loss,
         )
         log.info(
             "pipeline: %d stages on %d ranks, schedule %s, %d microbatches",
@@ -109,6 +111,6 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
             p.pipeline_schedule,
             microbatches,
         )
-    module = TrainModule(parts, config, env, dims, mesh, schedule, stages, n_stages)
+    module = TrainModule(parts, config, env, dims, mesh, schedule, stages, n_stages, pipeline_loss)
     dist.barrier()
     return module

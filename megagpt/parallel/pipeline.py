@@ -15,7 +15,7 @@ import torch
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
 
-from megagpt.model.gpt import GPT, cross_entropy
+from megagpt.model.gpt import GPT
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,16 @@ def build_schedule(
     microbatches: int,
     device: torch.device,
     group,
+    loss_fn,
 ):
-    """The torch.distributed.pipelining schedule over this rank's stages."""
+    """The torch.distributed.pipelining schedule over this rank's stages; `loss_fn`
+    (output, target) gives each microbatch's loss, already scaled for the step."""
     pipeline_stages = [
         PipelineStage(part, stage, n_stages, device, group=group)
         for part, stage in zip(parts, stages)
     ]
     cls = getattr(torch_schedules, SCHEDULES[schedule])
-    # Each microbatch's loss is its mean over tokens; scale_grads divides the summed
-    # gradients by the number of microbatches, as gradient accumulation does.
+    # The train module scales every microbatch's summed loss by dp / N before the step,
+    # so the gradients summed over microbatches need no further division.
     target = pipeline_stages if len(pipeline_stages) > 1 else pipeline_stages[0]
-    return cls(target, n_microbatches=microbatches, loss_fn=cross_entropy, scale_grads=True)
+    return cls(target, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -3,10 +3,18 @@
 One object hides the layout from the training loop, as OLMo-core's TrainModule does:
 `train_step` runs a step's microbatches (gradient accumulation, or the pipeline
 schedule), `clip_grad_norm_` clips by the norm over every shard and stage, and
-`optimizer_step` applies the update. Losses come back as this rank's mean over its
-microbatches (zero on ranks without the last pipeline stage); `global_mean` turns that
-into the number a single process would report. Checkpoints read and write the state
-through `parts` and `optimizers` and need nothing from the loop.
+`optimizer_step` applies the update. Checkpoints read and write the state through
+`parts` and `optimizers` and need nothing from the loop.
+
+The loss of a step is the mean over the trained tokens (targets that are not
+IGNORE_INDEX) of the whole global batch: every microbatch contributes its sum of token
+losses divided by the global count N of trained tokens, counted before the step over
+all microbatches and data-parallel ranks. So an example with few completion tokens
+weighs as much per token as one with many, whatever the gradient accumulation, number
+of ranks or pipeline microbatches. Each rank scales its sums by dp / N because data
+parallelism averages gradients over the dp ranks. Losses come back as this rank's
+share (zero on ranks without the last pipeline stage); `global_mean` adds the shares
+up into the number one process would report.
 """
 
 from __future__ import annotations
@@ -23,18 +31,28 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from megagpt.config import Config
-from megagpt.parallel.batches import step_batches
+from megagpt.model.gpt import cross_entropy
+from megagpt.parallel.batches import Microbatch, step_batches
 from megagpt.parallel.data_parallel import sync_every_microbatch
 from megagpt.parallel.dims import ParallelDims
 from megagpt.parallel.env import DistributedEnv
 from megagpt.parallel.optimizer import Optimizers, build_optimizer
 from megagpt.parallel.precision import autocast_for, resolve_precision
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-
 
 def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+class ScaledLoss:
+    """The pipeline schedule's loss: a microbatch's summed token loss times `scale`
+    (dp / N, set by the train module before each step; see the module docstring)."""
+
+    def __init__(self):
+        self.scale = 1.0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, targets, reduction="sum") * self.scale
 
 
 class TrainModule:
@@ -48,9 +66,11 @@ class TrainModule:
         schedule=None,
         stages: Sequence[int] = (0,),
         n_stages: int = 1,
+        pipeline_loss: ScaledLoss | None = None,
     ):
         self.parts, self.config, self.env = parts, config, env
         self.dims, self.mesh, self.schedule = dims, mesh, schedule
+        self.pipeline_loss = pipeline_loss
         self.stages, self.n_stages = list(stages), n_stages
         self.precision = resolve_precision(config, env.device)
         self.autocast = autocast_for(self.precision, env.device)
@@ -92,61 +112,90 @@ class TrainModule:
         return loss_parallel() if self.dims.tensor_enabled else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ steps
-    def train_step(self, batches: list[Batch], seeds: Sequence[int] | None = None) -> torch.Tensor:
-        """Forward and backward over one step's microbatches; returns the local loss.
+    def supervised_tokens(self, batches: list[Microbatch]) -> int:
+        """N: the trained tokens of the global batch, over every data-parallel rank."""
+        count = sum(b.supervised_tokens() for b in batches)
+        if self.dims.world_size == 1:
+            return count
+        total = torch.tensor(float(count), dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(total)  # tensor- and pipeline-parallel ranks count the same batches
+        return round(float(total) * self.dims.dp / self.dims.world_size)
+
+    def train_step(
+        self, batches: list[Microbatch], seeds: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Forward and backward over one step's microbatches; returns this rank's share
+        of the step's loss (see the module docstring).
 
         `seeds` (one per microbatch) reseed the random generators before each
         microbatch, so dropout masks depend on which samples are in it, not on the
         layout (see dropout_seed). A pipeline draws them inside the schedule and is
         seeded once per step.
         """
+        scale = self.dp_size / max(1, self.supervised_tokens(batches))
         if self.schedule is not None:
             if seeds:
                 torch.manual_seed(seeds[0])
-            return self._pipeline(batches, train=True)
+            return self._pipeline(batches, scale, train=True)
         total = torch.zeros((), device=self.env.device)
         part = self.parts[0]
         every = sync_every_microbatch(self.dims.zero_stage)
-        for i, (inputs, targets) in enumerate(batches):
+        for i, batch in enumerate(batches):
             if seeds:
                 torch.manual_seed(seeds[i])
             if isinstance(part, FSDPModule):  # reduce gradients now, or once per step
                 part.set_requires_gradient_sync(every or i == len(batches) - 1)
             with self._loss_context():
                 with self.autocast():
-                    loss = part(inputs, targets)
-                (loss / len(batches)).backward()
+                    loss = part(
+                        batch.inputs, batch.targets, reduction="sum", **batch.model_kwargs()
+                    )
+                    loss = loss * scale
+                loss.backward()
             total += local(loss.detach())
-        return total / len(batches)
+        return total
 
     @torch.no_grad()
-    def eval_step(self, batches: list[Batch]) -> torch.Tensor:
+    def eval_step(self, batches: list[Microbatch], supervised: int | None = None) -> torch.Tensor:
+        """This rank's share of the loss over `batches` (`supervised`: their N)."""
+        if supervised is None:
+            supervised = self.supervised_tokens(batches)
+        scale = self.dp_size / max(1, supervised)
         if self.schedule is not None:
-            return self._pipeline(batches, train=False)
+            return self._pipeline(batches, scale, train=False)
         total = torch.zeros((), device=self.env.device)
-        for inputs, targets in batches:
+        for batch in batches:
             with self._loss_context(), self.autocast():
-                total += local(self.parts[0](inputs, targets))
-        return total / len(batches)
+                loss = self.parts[0](
+                    batch.inputs, batch.targets, reduction="sum", **batch.model_kwargs()
+                )
+            total += local(loss) * scale
+        return total
 
     def evaluate(self, dataset, iters: int | None = None) -> float:
-        """Mean loss over the first `iters` (default train.eval_iters) global batches of
-        `dataset`, as one process would compute it."""
+        """Mean loss over the trained tokens of the first `iters` (default
+        train.eval_iters) global batches of `dataset`, as one process computes it."""
         iters = iters or self.config.train.eval_iters
         self.train(False)
-        total = sum(
-            self.global_mean(self.eval_step(step_batches(dataset, step, self, self.config)))
-            for step in range(iters)
-        )
+        weighted = counted = 0.0
+        for step in range(iters):
+            batches = step_batches(dataset, step, self, self.config)
+            supervised = self.supervised_tokens(batches)
+            weighted += self.global_mean(self.eval_step(batches, supervised)) * supervised
+            counted += supervised
         self.train(True)
-        return total / iters
+        return weighted / max(1.0, counted)
 
-    def _pipeline(self, batches: list[Batch], train: bool) -> torch.Tensor:
-        inputs = torch.cat([b[0] for b in batches]) if self.has_first_stage else None
-        targets = torch.cat([b[1] for b in batches]) if self.has_last_stage else None
+    def _pipeline(self, batches: list[Microbatch], scale: float, train: bool) -> torch.Tensor:
+        self.pipeline_loss.scale = scale
+        inputs = torch.cat([b.inputs for b in batches]) if self.has_first_stage else None
         args = (inputs,) if inputs is not None else ()
         losses: list[torch.Tensor] = []
-        kwargs = {"target": targets, "losses": losses} if self.has_last_stage else {}
+        kwargs: dict = {}
+        if self.has_last_stage:
+            kwargs = {"target": torch.cat([b.targets for b in batches]), "losses": losses}
+        for name in batches[0].model_kwargs():  # every stage needs positions and segments
+            kwargs[name] = torch.cat([getattr(b, name) for b in batches])
         with self._loss_context(), self.autocast():
             if train:
                 self.schedule.step(*args, return_outputs=False, **kwargs)
@@ -154,11 +203,12 @@ class TrainModule:
                 self.schedule.eval(*args, **kwargs)
         if not self.has_last_stage:
             return torch.zeros((), device=self.env.device)
-        return torch.stack([local(loss.detach()) for loss in losses]).mean()
+        return torch.stack([local(loss.detach()) for loss in losses]).sum()
 
     def global_mean(self, value: torch.Tensor) -> float:
-        """A loss as one process would compute it: the mean over data-parallel ranks of
-        the last pipeline stage's value (tensor-parallel ranks hold equal copies)."""
+        """A loss as one process would compute it, from every rank's share: the sum over
+        data-parallel ranks of the last pipeline stage's shares, each scaled by dp / N
+        (hence the division by dp; tensor-parallel ranks hold equal copies)."""
         if self.dims.world_size == 1:
             return float(value)
         value = value.detach().clone()

@@ -5,6 +5,7 @@ Either kind is accepted wherever a tokenizer is named (data.tokenizer, --tokeniz
 the file's content says which it is. Both are trained here: `Tokenizer.train`
 (sentencepiece BPE or unigram, Llama's settings) and `Tokenizer.train_byte_bpe`
 (GPT-2's byte-level BPE). Neither normalizes text, so decode(encode(text)) == text.
+A chat template (chat_template.py) writes a conversation as ids and a loss mask.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Literal
 
 from megagpt.errors import MissingFileError
 from megagpt.tokenizer.byte_bpe import train_byte_bpe
+from megagpt.tokenizer.chat_messages import ExampleError
+from megagpt.tokenizer.chat_template import ChatTemplate, TemplateError, load_chat_template
 from megagpt.tokenizer.errors import TokenizerError
 from megagpt.tokenizer.hf_json import CONFIG_NAME, HFTokenizerFile, config_beside
 from megagpt.tokenizer.lines import MAX_LINE_BYTES, LineCounts, cut_line, training_lines
@@ -30,13 +33,17 @@ from megagpt.tokenizer.sentencepiece_model import (
 __all__ = [
     "BOS_ID",
     "EOS_ID",
+    "ChatTemplate",
+    "ExampleError",
     "MAX_LINE_BYTES",
     "PAD_ID",
+    "TemplateError",
     "UNK_ID",
     "LineCounts",
     "Tokenizer",
     "TokenizerError",
     "cut_line",
+    "load_chat_template",
     "tokenizer_files",
     "tokenizer_kind",
     "training_lines",
@@ -78,6 +85,7 @@ class Tokenizer:
         self._backend = (
             HFTokenizerFile(self.path) if self.kind == "hf" else SentencePieceModel(self.path)
         )
+        self._continuation = None  # built on first use of encode_continuation
 
     @property
     def config_path(self) -> Path | None:
@@ -115,6 +123,22 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, with no BOS/EOS added."""
         return self._backend.encode(text)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """The ids of `text` where it continues a text already encoded, with no BOS/EOS.
+
+        sentencepiece puts a word start ("▁", its dummy prefix, which decode removes)
+        in front of every text it encodes, so encode(a) + encode(b) decodes to a + " " +
+        b; encode(a) + encode_continuation(b) decodes to a + b, and equals encode(a + b)
+        wherever no token would span the join. A chat is encoded so, a segment at a time
+        (see chat_template). For a tokenizer.json this is encode: a byte-level BPE adds
+        nothing (one that does fails ChatTemplate.check, which decodes a sample chat).
+        """
+        if self.kind == "hf":
+            return self._backend.encode(text)
+        if self._continuation is None:
+            self._continuation = _without_dummy_prefix(self._backend.sp)
+        return self._continuation.encode(text)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Ids that start a new document with `text`: training data separates documents
@@ -202,3 +226,14 @@ class Tokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         train_byte_bpe(texts, path, vocab_size, user_defined_symbols, max_sample_chars)
         return cls(path)
+
+
+def _without_dummy_prefix(processor):
+    """A copy of a sentencepiece processor that adds no "▁" in front of a text."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2  # needs protobuf (tensorboard's too)
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(processor.serialized_model_proto())
+    model.normalizer_spec.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=model.SerializeToString())
