@@ -19,6 +19,13 @@ from pathlib import Path
 from data_tools.cleaning import CleaningOptions
 from data_tools.cli import run_tool, setup_logging
 from data_tools.job import MULTI_TASK_PHASES, is_phased, run_job
+from data_tools.labeled import (
+    add_labeled_arguments,
+    check_format_options,
+    labeled_options_from_args,
+    print_labeled_summary,
+    run_labeled,
+)
 from data_tools.minhash import MinHashSettings, settings_for_threshold
 from data_tools.pipeline import PreprocessOptions, run_preprocess
 from data_tools.quality_settings import PRESETS, quality_filters_from_args
@@ -101,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dedup_arguments(p)
     add_task_arguments(p)
+    add_labeled_arguments(p)
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run's output")
     p.add_argument(
@@ -292,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
+        if args.format != "text":
+            print_labeled_summary(run_labeled(labeled_options_from_args(args)))
+            return 0
+        check_format_options(args)  # e.g. --chat-template without --format sft
         options = options_from_args(args)
         if not is_phased(options):
             print_summary(run_preprocess(options))

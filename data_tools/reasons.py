@@ -44,6 +44,14 @@ class Reason(IntEnum):
     C4_LOREM_IPSUM = 28
     C4_CURLY_BRACKET = 29
     C4_TOO_FEW_SENTENCES = 30  # after its line rules
+    # --format sft and classify (data_tools/labeled.py)
+    BAD_MESSAGES = 31  # neither {"messages": [{"role", "content"}, ...]} nor prompt/completion
+    UNKNOWN_ROLE = 32  # a turn's role is not system, user or assistant
+    EMPTY_COMPLETION = 33  # an empty completion or trained assistant turn
+    NO_SUPERVISED_TOKEN = 34  # nothing to train: no assistant turn, or truncated away
+    MARKER_IN_CONTENT = 35  # a message holds a template marker, which would forge a turn
+    MISSING_LABEL = 36  # --format classify: the label field is absent or null
+    UNKNOWN_LABEL = 37  # a label not among --labels
 
     @property
     def label(self) -> str:
