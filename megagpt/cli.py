@@ -1,4 +1,4 @@
-"""The `megagpt` command: train, generate, eval, demo, config, launch, sweep-report."""
+"""The `megagpt` command: train, finetune, generate, eval, demo, config, launch, sweep-report."""
 
 from __future__ import annotations
 
@@ -20,6 +20,19 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--config", help="YAML file, or a preset name from configs/ (gpt2-124m)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune pretrained weights (finetune.init) on a labeled set",
+        description="megagpt train, starting from finetune.init: a megagpt checkpoint (any "
+        "layout) or a Hugging Face GPT-2/Llama directory, whose model shape and tokenizer "
+        "it takes; weights only, the optimizer and schedule start at step 0.",
+        epilog=FIELDS_HINT,
+    )
+    p.add_argument("--config", help="YAML file, or a preset name from configs/ (sft-tiny)")
+    p.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}; finetune.init=DIR needed")
 
 
 def _add_generate(sub) -> None:
@@ -113,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         _add_train,
+        _add_finetune,
         _add_generate,
         _add_eval,
         _add_demo,
@@ -145,6 +159,19 @@ def _train(args) -> int:
     from megagpt.training.trainer import exit_code, train
 
     return exit_code(train(load_config(args.config, args.overrides)))
+
+
+def _finetune(args) -> int:
+    from megagpt.config import ConfigError, load_config
+    from megagpt.training.trainer import exit_code, train
+
+    config = load_config(args.config, args.overrides)
+    if not config.finetune.init:
+        raise ConfigError(
+            "finetune.init is not set: name the pretrained weights, a megagpt checkpoint "
+            "or a Hugging Face model directory (finetune.init=runs/pretrain)"
+        )
+    return exit_code(train(config))
 
 
 def _check_sampling(args) -> None:
@@ -245,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "train": _train,
+        "finetune": _finetune,
         "generate": _generate,
         "eval": _eval,
         "demo": _demo,

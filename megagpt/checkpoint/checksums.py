@@ -24,6 +24,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from megagpt.checkpoint.layout import (
+    CHAT_TEMPLATE,
     METADATA,
     CheckpointError,
     checkpoints_newest_first,
@@ -104,11 +105,14 @@ class ChecksummingWriter(FileSystemWriter):
 
 def checkpoint_sums(directory: Path, shard_sums: list[dict[str, dict]]) -> dict[str, dict]:
     """The checksums metadata.json records: every rank's state/ files, as written, and
-    the tokenizer's copy. config.yaml is left out on purpose: it is text people may edit
-    (paths on another machine), and damage to it fails parsing or the shape check."""
+    the copies of the tokenizer and chat template. config.yaml is left out on purpose:
+    it is text people may edit (paths on another machine), and damage to it fails
+    parsing or the shape check."""
     sums = {name: s for part in shard_sums for name, s in part.items()}
     for name, path in tokenizer_copy(directory).items():
         sums[name] = file_summary(path)
+    if (directory / CHAT_TEMPLATE).is_file():
+        sums[CHAT_TEMPLATE] = file_summary(directory / CHAT_TEMPLATE)
     return dict(sorted(sums.items()))
 
 

@@ -7,7 +7,12 @@ from pathlib import Path
 import torch
 
 from megagpt.checkpoint.checksums import checkpoint_problems, damaged_error
-from megagpt.checkpoint.layout import read_metadata, resolve_checkpoint_dir, tokenizer_file
+from megagpt.checkpoint.layout import (
+    CHAT_TEMPLATE,
+    read_metadata,
+    resolve_checkpoint_dir,
+    tokenizer_file,
+)
 from megagpt.checkpoint.manager import load_state
 from megagpt.config import Config, load_config
 from megagpt.model import build_model
@@ -18,6 +23,8 @@ def checkpoint_config(directory: Path) -> Config:
     tokenizer = tokenizer_file(directory)
     if tokenizer is not None:
         config.data.tokenizer = str(tokenizer)
+    if (directory / CHAT_TEMPLATE).is_file():
+        config.data.chat_template = str(directory / CHAT_TEMPLATE)
     return config
 
 

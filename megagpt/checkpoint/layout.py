@@ -40,6 +40,8 @@ TOKENIZER = "tokenizer.model"
 """The copy of a sentencepiece tokenizer (the only kind before tokenizer.json)."""
 TOKENIZER_FILES = (TOKENIZER, "tokenizer.json", "tokenizer_config.json")
 """Every name a tokenizer copy may have (see megagpt.tokenizer.tokenizer_files)."""
+CHAT_TEMPLATE = "chat_template.json"
+"""The copy of the chat template a fine-tune was trained with (data.chat_template)."""
 
 
 class CheckpointError(MegagptError):
@@ -81,6 +83,9 @@ def start_partial(root: Path, step: int, config: Config) -> Path:
     if tokenizer and Path(tokenizer).is_file():
         for name, source in tokenizer_files(tokenizer).items():
             shutil.copyfile(source, partial / name)
+    template = config.data.chat_template
+    if template and Path(template).is_file():
+        shutil.copyfile(template, partial / CHAT_TEMPLATE)
     return partial
 
 

@@ -279,6 +279,16 @@ class Checkpointer:
         load_state(self.module.parts, optimizers, directory, self.config.model, partial)
         return metadata
 
+    def load_weights(self, directory: Path) -> None:
+        """Load only the model's weights from `directory` (any layout, checksums
+        verified): the start of a fine-tune, whose optimizer starts fresh."""
+        problems = self.verify(directory)
+        if problems:
+            raise damaged_error(directory, problems)
+        self._check_tokenizer(directory)
+        partial = self.config.checkpoint.partial_load
+        load_state(self.module.parts, None, directory, self.config.model, partial)
+
     def _check_tokenizer(self, directory: Path) -> None:
         """A resume must tokenize as the checkpoint's model learned to: the next
         checkpoint would otherwise store the new tokenizer with the old weights."""

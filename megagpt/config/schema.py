@@ -152,6 +152,10 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per training sample; at most model.max_seq_len."""
 
+    chat_template: str | None = None
+    """The chat template (JSON) the fine-tuning data was rendered with; set from the
+    data's manifest, kept with the tokenizer in checkpoints, used by chat and generate."""
+
 
 @dataclass
 class OptimConfig:
@@ -193,7 +197,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 600
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (computed from epochs when that is set)."""
+
+    epochs: float | None = None
+    """Passes over the training split: when set, max_steps is computed from it at
+    start-up, ceil(epochs x training samples / global_batch_size)."""
 
     global_batch_size: int = 16
     """Sequences per optimizer step, summed over all data-parallel ranks."""
@@ -292,6 +300,19 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init: str | None = None
+    """The weights to fine-tune: a megagpt checkpoint (step_N/, checkpoints/ root or run
+    directory, saved on any layout) or a Hugging Face GPT-2 or Llama directory. The
+    optimizer and learning-rate schedule start fresh at step 0; once the fine-tune has
+    checkpoints of its own, checkpoint.resume continues from those instead."""
+
+    pack: bool = True
+    """Pack several examples into each window of data.seq_len tokens (attention never
+    crosses from one into another); false pads every example to data.seq_len."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Shape of the network."""
@@ -313,3 +334,6 @@ class Config:
 
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """What is logged and where."""
+
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Fine-tuning on labeled data: the weights to start from and how examples are batched."""

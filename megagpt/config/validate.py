@@ -120,6 +120,8 @@ def validate_optim(o: OptimConfig) -> None:
 
 def validate_train(t: TrainConfig) -> None:
     _positive(t, "train", "max_steps", "global_batch_size", "micro_batch_size", "eval_iters")
+    if t.epochs is not None:
+        _check(t.epochs > 0, "train.epochs", t.epochs, "must be positive, or null for max_steps")
     _check(
         t.global_batch_size % t.micro_batch_size == 0,
         "train.global_batch_size",

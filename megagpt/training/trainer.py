@@ -25,7 +25,7 @@ import torch
 from megagpt.checkpoint import Checkpointer
 from megagpt.config import Config, ConfigError, save_config
 from megagpt.contract import REQUEUE_EXIT_CODE, STOP_SIGNALS
-from megagpt.data import build_datasets, check_data_config
+from megagpt.data import check_data_config
 from megagpt.errors import INTERRUPTED_EXIT_CODE, MegagptError
 from megagpt.model.flops import flops_per_token, parameter_counts
 from megagpt.parallel import init_distributed, shutdown_distributed
@@ -34,6 +34,12 @@ from megagpt.parallel.env import collective_timeout_s
 from megagpt.parallel.memory import log_memory, memory_bytes
 from megagpt.parallel.parallelize import parallelize
 from megagpt.tokenizer import Tokenizer
+from megagpt.training.finetune import (
+    apply_init,
+    build_run_datasets,
+    init_checkpoint,
+    steps_for_epochs,
+)
 from megagpt.training.metrics import MetricsSink
 from megagpt.training.outputs import locked_outputs
 from megagpt.training.preemption import PreemptionHandler
@@ -74,6 +80,8 @@ class TrainResult:
 def train(config: Config) -> TrainResult:
     """Train as configured; call it on every rank (torchrun sets the environment)."""
     check_data_config(config.data)  # settings and tokenizer: before anything is written
+    if config.finetune.init:
+        apply_init(config)  # the model's shape and tokenizer come from the weights
     _check_tokenizer(config)
     timeout = config.train.collective_timeout_s or collective_timeout_s()
     env = init_distributed(config.train.device, timeout_s=timeout)
@@ -101,7 +109,16 @@ class Trainer:
         self.output_dir = Path(t.output_dir)  # created and locked by locked_outputs
         if device.type == "cpu":
             keep_freed_memory()  # 1.4-1.7x faster CPU steps; see megagpt/utils/allocator.py
-        self.datasets = build_datasets(config.data, t.seed)
+        self.datasets = build_run_datasets(config)
+        if t.epochs is not None:
+            t.max_steps = steps_for_epochs(config, len(self.datasets.train))
+            log.info(
+                "train.epochs = %g: %d steps of %d samples over %s training samples",
+                t.epochs,
+                t.max_steps,
+                t.global_batch_size,
+                f"{len(self.datasets.train):,}",
+            )
         counts = parameter_counts(config.model)
         log.info(
             "model: %s parameters (%s in blocks), %d layers, hidden %d, %d heads",
@@ -160,6 +177,13 @@ class Trainer:
             if self.config.checkpoint.resume not in ("none", "auto"):
                 raise ConfigError(
                     f"checkpoint.resume = {self.config.checkpoint.resume!r} names no checkpoint"
+                )
+            if self.config.finetune.init:
+                directory = init_checkpoint(self.config, self.env.is_main)
+                self.checkpointer.load_weights(directory)
+                log.info(
+                    "fine-tuning from %s: weights only, the optimizer and schedule start at step 0",
+                    directory,
                 )
             return 0, 0
         metadata = self.checkpointer.load(point)
