@@ -1,4 +1,5 @@
-"""The `megagpt` command: train, finetune, generate, eval, demo, config, launch, sweep-report."""
+"""The `megagpt` command: train, finetune, generate, chat, eval, demo, config, launch,
+sweep-report."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from megagpt.classify_cli import add_classify_command, run_classify
 from megagpt.errors import report_user_errors
 from megagpt.launch.cli import add_launch_commands, run_launch, run_sweep_report
 
@@ -35,22 +37,57 @@ def _add_finetune(sub) -> None:
     p.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}; finetune.init=DIR needed")
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="sample text from a checkpoint")
+def _add_sampling(p, max_new_tokens: int) -> None:
+    """The flags of generate and chat: the checkpoint, how tokens are drawn, where."""
     p.add_argument(
         "--checkpoint",
         required=True,
         help="checkpoint directory, checkpoints/ root, or a run's output_dir",
     )
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy decoding")
     p.add_argument("--top-k", type=int, default=50, help="0 disables")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 disables")
-    p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
+
+
+def _add_template(p) -> None:
+    p.add_argument(
+        "--template",
+        "--chat-template",
+        dest="template",
+        metavar="NAME|FILE",
+        help="chat template instead of the checkpoint's (plain, megagpt-chat, or a .json)",
+    )
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    _add_sampling(p, max_new_tokens=100)
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute every position (slow)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is one user turn of a chat (the checkpoint's template); "
+        "print only the reply",
+    )
+    _add_template(p)
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="talk to a chat fine-tuned checkpoint in the terminal",
+        description="One user turn per line of stdin (a terminal or a pipe), each reply "
+        "printed as it is generated. Ctrl-C stops a reply; Ctrl-C or Ctrl-D at the "
+        "prompt (or the end of piped input) ends the chat.",
+    )
+    _add_sampling(p, max_new_tokens=256)
+    p.add_argument("--system", default=None, help="a system prompt that starts the chat")
+    _add_template(p)
 
 
 def _add_eval(sub) -> None:
@@ -97,6 +134,11 @@ def _add_export(sub) -> None:
             help="checkpoint directory, checkpoints/ root, or run output_dir",
         )
         parser.add_argument("--out", required=True, help="directory (hf) or file (torch)")
+    hf.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="a LoRA checkpoint: write its base weights with the adapters folded in",
+    )
 
 
 def _add_import(sub) -> None:
@@ -128,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_finetune,
         _add_generate,
+        _add_chat,
+        add_classify_command,
         _add_eval,
         _add_demo,
         _add_config,
@@ -143,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _export(args) -> None:
     from megagpt.checkpoint.convert import export_hf, export_torch
 
-    written = (export_hf if args.format == "hf" else export_torch)(args.checkpoint, args.out)
+    if args.format == "hf":
+        written = export_hf(args.checkpoint, args.out, merge_lora=args.merge_lora)
+    else:
+        written = export_torch(args.checkpoint, args.out)
     print(f"wrote {written}")
 
 
@@ -183,7 +230,7 @@ def _check_sampling(args) -> None:
         ("--top-k", args.top_k >= 0, "must be >= 0 (0 keeps every token)"),
         ("--top-p", 0 < args.top_p <= 1, "must be in (0, 1] (1 keeps every token)"),
         ("--max-new-tokens", args.max_new_tokens >= 0, "must be >= 0"),
-        ("--num-samples", args.num_samples >= 1, "must be at least 1"),
+        ("--num-samples", getattr(args, "num_samples", 1) >= 1, "must be at least 1"),
     ):
         if not ok:
             value = getattr(args, flag[2:].replace("-", "_"))
@@ -192,10 +239,17 @@ def _check_sampling(args) -> None:
 
 def _generate(args) -> None:
     from megagpt.checkpoint import CheckpointError, load_model_for_inference
+    from megagpt.config import ConfigError
     from megagpt.generate import generate_text
     from megagpt.tokenizer import Tokenizer
 
     _check_sampling(args)
+    if args.chat:
+        return _generate_chat(args)
+    if args.template:
+        raise ConfigError(
+            f"--template {args.template} is for a chat: add --chat to apply it to the prompt"
+        )
     model, config, _ = load_model_for_inference(args.checkpoint, args.device)
     if not config.data.tokenizer:
         raise CheckpointError(
@@ -219,6 +273,76 @@ def _generate(args) -> None:
         print(text)
         if args.num_samples > 1:
             print("-" * 40)
+
+
+def _chat_session(args, **options):
+    from megagpt.chat import load_chat_session
+    from megagpt.generate import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k or None, args.top_p, args.seed)
+    return load_chat_session(
+        args.checkpoint,
+        args.device,
+        args.template,
+        sampling=sampling,
+        max_new_tokens=args.max_new_tokens,
+        **options,
+    )
+
+
+def _notice(line: str) -> None:
+    print(f"[{line}]", file=sys.stderr, flush=True)
+
+
+def _generate_chat(args) -> None:
+    from megagpt.config import ConfigError
+
+    if args.no_cache:
+        raise ConfigError("--no-cache: --chat always keeps the KV cache; leave one of them out")
+    session = _chat_session(args, notify=_notice)
+    for _ in range(args.num_samples):
+        session.reset()  # each sample answers the prompt afresh; the seed runs on
+        print(session.reply(args.prompt))
+        if args.num_samples > 1:
+            print("-" * 40)
+        if session.interrupted:  # Ctrl-C stops the reply, and so the command
+            raise KeyboardInterrupt
+
+
+def _chat(args) -> None:
+    from megagpt.chat import ChatError
+
+    _check_sampling(args)
+    session = _chat_session(args, system=args.system, notify=_notice)
+    # A prompt and a reply label only for a person; piped input gets bare replies.
+    interactive = sys.stdin.isatty()
+    printed: list[str] = []  # the reply so far, to end its line
+
+    def show(text: str) -> None:
+        printed.append(text)
+        print(text, end="", flush=True)
+
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, end of piped input, Ctrl-C
+            if interactive:
+                print()
+            return
+        if not line.strip():
+            continue
+        if interactive:
+            print("model> ", end="", flush=True)
+        printed.clear()
+        try:
+            session.reply(line, on_text=show)
+        except ChatError as error:
+            print(f"megagpt chat: {error}", file=sys.stderr, flush=True)
+            continue
+        if not "".join(printed).endswith("\n"):
+            print(flush=True)
+        if session.interrupted:
+            _notice("reply stopped")
 
 
 def _checkpoint(args) -> int:
@@ -274,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _train,
         "finetune": _finetune,
         "generate": _generate,
+        "chat": _chat,
+        "classify": run_classify,
         "eval": _eval,
         "demo": _demo,
         "config": _config,

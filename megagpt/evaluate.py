@@ -1,4 +1,5 @@
-"""`megagpt eval`: loss and perplexity of a checkpoint on a data split.
+"""`megagpt eval`: loss and perplexity of a checkpoint on a data split (and accuracy and
+macro-F1 for a classifier).
 
 The checkpoint's model is built as training builds it (a train module, here the layout
 of one process) and its weights are loaded into it, so evaluation computes exactly
@@ -11,13 +12,12 @@ import math
 from collections.abc import Sequence
 
 from megagpt.checkpoint import resolve_checkpoint_dir
-from megagpt.checkpoint.inference import checkpoint_config
+from megagpt.checkpoint.inference import checkpoint_config, load_weights
 from megagpt.checkpoint.layout import read_metadata
-from megagpt.checkpoint.manager import load_state
 from megagpt.config import ConfigError, apply_overrides
-from megagpt.data import build_datasets
 from megagpt.parallel import init_distributed, shutdown_distributed
 from megagpt.parallel.parallelize import parallelize
+from megagpt.training.finetune import build_run_datasets
 
 
 def evaluate_checkpoint(
@@ -36,7 +36,7 @@ def evaluate_checkpoint(
     config = apply_overrides(
         checkpoint_config(directory), overrides, source="checkpoint config + command line"
     )
-    datasets = build_datasets(config.data, config.train.seed)
+    datasets = build_run_datasets(config)  # a text corpus or a labeled set
     dataset = getattr(datasets, split)
     if dataset is None:
         raise ConfigError(
@@ -46,11 +46,16 @@ def evaluate_checkpoint(
     env = init_distributed(config.train.device)
     try:
         module = parallelize(config, env)
-        load_state(module.parts, None, directory, config.model)
-        loss = module.evaluate(dataset)
+        load_weights(module.parts, directory, config)  # a LoRA one: base, then adapters
+        if config.model.num_labels:
+            metrics = module.evaluate_classifier(dataset)
+            loss = metrics.pop("val_loss")
+        else:
+            metrics, loss = {}, module.evaluate(dataset)
     finally:
         shutdown_distributed(env)
     return {
+        **{name.removeprefix("val_"): value for name, value in metrics.items()},
         "step": metadata["step"],
         "split": split,
         "loss": loss,

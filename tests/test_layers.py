@@ -28,9 +28,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("megagpt.data", "megagpt.tokenizer", "megagpt.demo_corpus")),
     ("parallel", ("megagpt.parallel",)),
     ("checkpoint", ("megagpt.checkpoint",)),
-    ("training", ("megagpt.training", "megagpt.evaluate", "megagpt.generate")),
+    (
+        "training",
+        (
+            "megagpt.training",
+            "megagpt.evaluate",
+            "megagpt.generate",
+            "megagpt.chat",
+            "megagpt.classify",
+        ),
+    ),
     ("launch", ("megagpt.launch",)),
-    ("cli", ("megagpt.cli", "megagpt.demo", "megagpt.__main__")),
+    ("cli", ("megagpt.cli", "megagpt.classify_cli", "megagpt.demo", "megagpt.__main__")),
 ]
 """Each layer and the module prefixes it holds (the longest matching prefix wins)."""
 

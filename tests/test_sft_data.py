@@ -110,9 +110,8 @@ def test_render_prompt_is_what_training_saw_up_to_the_reply(chat_tokenizer, docu
         messages = conversation(rng, documents)
         ids, mask = CHAT.render(tok, messages)
         prompt = CHAT.render_prompt(tok, messages[:-1])
-        assert prompt[0] == tok.eod_id  # what precedes an example in the packed data
-        assert prompt[1:] == ids[: len(prompt) - 1]
-        assert mask[len(prompt) - 2] == 0 and mask[len(prompt) - 1] == 1
+        assert prompt == ids[: len(prompt)]  # an example starts the window: no EOD before
+        assert mask[len(prompt) - 1] == 0 and mask[len(prompt)] == 1
 
 
 def test_markers_must_be_tokens_of_the_tokenizer(tokenizer):

@@ -13,8 +13,10 @@ import torch.distributed.checkpoint as dcp
 
 from megagpt.checkpoint import layout
 from megagpt.checkpoint.checksums import ChecksummingWriter, checkpoint_sums
+from megagpt.checkpoint.convert_classifier import save_hf_classifier
 from megagpt.checkpoint.inference import consolidated_state_dict
 from megagpt.checkpoint.layout import CheckpointError
+from megagpt.checkpoint.lora import check_lora_export
 from megagpt.config import Config, DataConfig, ModelConfig, apply_overrides, save_config
 from megagpt.model import hf
 from megagpt.tokenizer import Tokenizer
@@ -22,11 +24,23 @@ from megagpt.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the checkpoint as a transformers model directory, with its tokenizer."""
+def export_hf(checkpoint: str | Path, out: str | Path, merge_lora: bool = False) -> Path:
+    """Write the checkpoint as a transformers model directory, with its tokenizer; a
+    LoRA checkpoint needs `merge_lora` (its adapters folded into the base weights)."""
     directory = layout.resolve_checkpoint_dir(checkpoint)
-    state, config = consolidated_state_dict(directory)
+    check_lora_export(directory, merge_lora)
+    state, config = consolidated_state_dict(directory, merge_adapters=merge_lora)
+    if config.model.num_labels:  # a classifier: *ForSequenceClassification
+        return _export_classifier(state, config, Path(out), layout.tokenizer_file(directory))
     return save_hf(state, config.model, Path(out), layout.tokenizer_file(directory))
+
+
+def _export_classifier(state, config, out: Path, tokenizer: Path | None) -> Path:
+    tok = Tokenizer(tokenizer) if tokenizer is not None else None
+    special = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id} if tok else None
+    save_hf_classifier(state, config, out, special)
+    save_tokenizer(tok, out)
+    return out
 
 
 def save_hf(
@@ -54,11 +68,16 @@ def save_hf(
         model.tie_weights()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    save_tokenizer(tok, out)
+    return out
+
+
+def save_tokenizer(tok: Tokenizer | None, out: Path) -> None:
+    """The tokenizer files of a transformers directory, for either kind of tokenizer."""
     if tok is not None and tok.kind == "hf":
         _save_hf_tokenizer(tok, out)
     elif tok is not None:
         _save_sentencepiece_tokenizer(tok.path, out)
-    return out
 
 
 def _save_hf_tokenizer(tok: Tokenizer, out: Path) -> None:

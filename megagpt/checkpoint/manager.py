@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
-from megagpt.checkpoint import layout
+from megagpt.checkpoint import layout, lora
 from megagpt.checkpoint.checksums import (
     ChecksummingWriter,
     checkpoint_problems,
@@ -48,6 +48,7 @@ from megagpt.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, r
 from megagpt.checkpoint.state import apply, check_fits, collect, stored_name
 from megagpt.config import Config, ModelConfig
 from megagpt.model.build import build_meta_model
+from megagpt.model.lora import is_adapter
 from megagpt.parallel.optimizer import Optimizers
 from megagpt.parallel.train_module import TrainModule
 from megagpt.tokenizer import tokenizer_files
@@ -104,6 +105,7 @@ class Checkpointer:
         self.root, self.is_main, self.checksums = root, is_main, checksums
         self._pending: _Pending | None = None
         self.last_step: int | None = None  # the step of the newest save started
+        self.lora_record: dict[str, Any] | None = None  # a LoRA run's base (see lora.py)
         # Background writes run their collectives on a group of their own, so they
         # never interleave with the training loop's collectives.
         self._group = dist.new_group(backend="gloo")
@@ -127,6 +129,8 @@ class Checkpointer:
         writer_type = ChecksummingWriter if self.checksums else FileSystemWriter
         writer = writer_type(partial / layout.STATE_DIR, thread_count=4)
         info = {**layout.base_metadata(step), "optimizer_state": True, **metadata}
+        if self.lora_record is not None:
+            info[lora.METADATA_KEY] = self.lora_record
         live = self.config.checkpoint.async_save and self.module.env.device.type == "cpu"
         try:
             if self.config.checkpoint.async_save:
@@ -273,21 +277,44 @@ class Checkpointer:
         metadata (step, consumed samples, ...)."""
         metadata = layout.read_metadata(directory)
         self._check_tokenizer(directory)
+        self.lora_record = lora.record_of(directory, self.config.finetune.lora)
+        if self.lora_record is not None:
+            self._load_lora(directory)
+            return metadata
         # An imported checkpoint has weights only: the optimizer starts fresh.
         optimizers = self.module.optimizers if metadata.get("optimizer_state", True) else None
         partial = self.config.checkpoint.partial_load
         load_state(self.module.parts, optimizers, directory, self.config.model, partial)
         return metadata
 
+    def _load_lora(self, directory: Path) -> None:
+        """A LoRA resume: the base weights from the base checkpoint the adapters were
+        trained on (unchanged, intact), then the adapters and their optimizer state."""
+        base = lora.check_base(directory, self.lora_record)
+        problems = self.verify(base)
+        if problems:
+            raise damaged_error(base, problems)
+        load_state(self.module.parts, None, base, self.config.model)
+        parts, optimizers = self.module.parts, self.module.optimizers
+        lora.load_adapters(
+            parts, optimizers, directory, self.config.model, self.config.finetune.lora
+        )
+
     def load_weights(self, directory: Path) -> None:
         """Load only the model's weights from `directory` (any layout, checksums
-        verified): the start of a fine-tune, whose optimizer starts fresh."""
+        verified): the start of a fine-tune, whose optimizer starts fresh. With LoRA
+        they are the frozen base, recorded in every checkpoint of the run."""
         problems = self.verify(directory)
         if problems:
             raise damaged_error(directory, problems)
         self._check_tokenizer(directory)
+        lora.refuse_as_init(directory)
+        if self.config.finetune.lora.rank:
+            self.lora_record = lora.lora_record(directory, self.config.finetune.lora)
         partial = self.config.checkpoint.partial_load
-        load_state(self.module.parts, None, directory, self.config.model, partial)
+        load_state(
+            self.module.parts, None, directory, self.config.model, partial, new_heads=("score.",)
+        )
 
     def _check_tokenizer(self, directory: Path) -> None:
         """A resume must tokenize as the checkpoint's model learned to: the next
@@ -312,6 +339,7 @@ def load_state(
     directory: Path,
     model_config: ModelConfig,
     partial: bool = False,
+    new_heads: tuple[str, ...] = (),
 ) -> None:
     """Fill the model `parts` (and `optimizers`, if given) from the checkpoint in
     `directory`. Without optimizers (inference, export) no process group is needed.
@@ -328,7 +356,7 @@ def load_state(
     }
     whole = {k: tuple(v.shape) for k, v in build_meta_model(model_config).state_dict().items()}
     tie = model_config.tie_embeddings
-    skipped = check_fits(whole, stored, directory, tie, partial)
+    skipped = check_fits(whole, stored, directory, tie, partial, new_heads)
     if skipped:
         optimizers = None
     state = collect(parts, optimizers) if optimizers is not None else {"model": _model_state(parts)}
@@ -337,8 +365,8 @@ def load_state(
         for key, value in entries.items():
             if section == "optimizer" and not key.startswith("state."):
                 continue  # hyperparameters come from the current config
-            if section == "model" and key in skipped:
-                continue
+            if section == "model" and (key in skipped or is_adapter(key)):
+                continue  # LoRA adapters come from their own checkpoint (lora.py)
             name = stored_name(f"{section}.{key}", stored, tie)
             if name is not None:
                 request[name] = value

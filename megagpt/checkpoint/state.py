@@ -3,7 +3,8 @@
 Model and optimizer state are taken per model part with torch's distributed
 state-dict helpers, keyed by parameter name (optimizer state flattened to
 `state.<param>.<key>`), so DCP can reshard them between any two layouts. Each rank
-also stores its RNG state; it is restored when the layout is unchanged.
+also stores its RNG state; it is restored when the layout is unchanged. Frozen
+parameters are left out: a LoRA run saves only its adapters (see checkpoint/lora.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,21 @@ from megagpt.parallel.optimizer import Optimizers
 
 log = logging.getLogger(__name__)
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+FROZEN_LEFT_OUT = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+"""For a part with frozen parameters (a LoRA run's base weights): only what is trained
+is saved and loaded; the frozen weights come from their own checkpoint."""
+
+
+def frozen_names(part: nn.Module) -> set[str]:
+    """Names of the frozen parameters, under every name (a tied matrix has two: torch's
+    ignore_frozen_params would keep lm_head.weight)."""
+    return {n for n, p in part.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def options_for(part: nn.Module) -> StateDictOptions:
+    return FROZEN_LEFT_OUT if frozen_names(part) else OPTIONS
+
+
 TIED_COPY, TIED_SOURCE = "lm_head.weight", "embed_tokens.weight"
 
 
@@ -36,8 +52,9 @@ def collect(parts: list[nn.Module], optimizers: Optimizers) -> dict:
     train module's parts and optimizers; needs the process group of the run."""
     model_state, optimizer_state = {}, {}
     for part, optimizer in zip(parts, optimizers.optimizers):
-        part_model, part_optimizer = get_state_dict(part, optimizer, options=OPTIONS)
-        model_state.update(part_model)
+        part_model, part_optimizer = get_state_dict(part, optimizer, options=options_for(part))
+        frozen = frozen_names(part)
+        model_state.update({k: v for k, v in part_model.items() if k not in frozen})
         optimizer_state.update(part_optimizer)
     rank = dist.get_rank()
     return {
@@ -62,7 +79,7 @@ def apply(parts: list[nn.Module], optimizers: Optimizers, state: dict) -> None:
             optimizer,
             model_state_dict=part_model,
             optim_state_dict=part_optimizer,
-            options=OPTIONS,
+            options=options_for(part),
         )
     rng = state.get("rng", {})
     rank = dist.get_rank()
@@ -92,15 +109,21 @@ def check_fits(
     source,
     tie_embeddings: bool,
     partial: bool = False,
+    new_heads: tuple[str, ...] = (),
 ) -> set[str]:
     """Compare the whole model's tensors (`expected`: name -> global shape) with the
     checkpoint's. Any tensor missing on either side, or of another shape, is a
     CheckpointError listing them all; with `partial`, those differences are logged
-    instead and their names returned, to be left as initialized."""
+    instead and their names returned, to be left as initialized. Tensors under the
+    `new_heads` prefixes may be missing (a head a fine-tune adds): they are returned,
+    to keep their initial values, without complaint."""
     problems, skipped = [], set()
     for key, shape in expected.items():
         name = stored_name(f"model.{key}", stored, tie_embeddings)
-        if name is None:
+        if name is None and key.startswith(new_heads):
+            log.info("%s has no %s: a new head, starting from its initial values", source, key)
+            skipped.add(key)
+        elif name is None:
             problems.append(f"missing {key}")
             skipped.add(key)
         elif stored[name] is not None and tuple(stored[name]) != tuple(shape):
@@ -112,7 +135,7 @@ def check_fits(
         if k.startswith("model.") and k[len("model.") :] not in expected
     )
     if not problems:
-        return set()
+        return skipped
     listing = "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else "")
     if partial:
         log.warning(

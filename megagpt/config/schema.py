@@ -74,6 +74,10 @@ class ModelConfig:
     """Standard deviation of the normal initialization. Output projections of every
     block use init_std / sqrt(2 x n_layers), as GPT-2 and Megatron do."""
 
+    num_labels: int = 0
+    """Classes of a classification head on the final hidden state of each text's last
+    token (GPT-1's fine-tuning); 0 for none. Set from the data by fine-tuning."""
+
     # Sizes derived from the fields above, computed here once for every consumer (the
     # model, validation, generation, Hugging Face conversion, the FLOP counter).
     @property
@@ -299,6 +303,36 @@ class LoggingConfig:
     up known GPUs and measures fp32 matmul throughput on CPU."""
 
 
+LORA_TARGETS = (
+    "qkv_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""Every projection LoRA can adapt: attention (fused or separate q/k/v, output) and MLP."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """Rank of the low-rank adapters; 0 turns LoRA off (every weight is trained). With a
+    rank, the weights of finetune.init stay frozen and only the adapters are trained."""
+
+    alpha: float = 16.0
+    """Scale of the adapters' update: a projection computes W x + (alpha / rank) B A x."""
+
+    dropout: float = 0.0
+    """Dropout on the adapters' input (not on the frozen projection's)."""
+
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Projections that get adapters, in every layer (those the model lacks are skipped):
+    qkv_proj or q_proj/k_proj/v_proj, out_proj, gate_proj, up_proj, down_proj."""
+
+
 @dataclass
 class FinetuneConfig:
     init: str | None = None
@@ -310,6 +344,16 @@ class FinetuneConfig:
     pack: bool = True
     """Pack several examples into each window of data.seq_len tokens (attention never
     crosses from one into another); false pads every example to data.seq_len."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters (LoRA) instead of training every weight."""
+
+    lm_loss_weight: float = 0.5
+    """Classification: weight of the auxiliary language-modelling loss on the texts,
+    added to the classification loss (GPT-1 used 0.5; 0 turns it off)."""
+
+    labels: list[str] = field(default_factory=list)
+    """Classification: the label names in id order; set from the data's manifest."""
 
 
 @dataclass

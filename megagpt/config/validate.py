@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from megagpt.config.errors import ConfigError
 from megagpt.config.schema import (
+    LORA_TARGETS,
     CheckpointConfig,
     Config,
     DataConfig,
@@ -48,12 +49,14 @@ def _divisors_near(n: int, target: int, count: int = 4) -> str:
 def validate_config(config: Config) -> None:
     """Raise ConfigError for the first inconsistent value."""
     validate_model(config.model)
-    validate_data(config.data, config.model)
+    # A fine-tune's model comes from finetune.init: its context is checked once known.
+    validate_data(config.data, config.model, model_known=not config.finetune.init)
     validate_optim(config.optim)
     validate_train(config.train)
     validate_checkpoint(config.checkpoint)
     validate_logging(config.logging)
     validate_parallel(config)
+    validate_lora(config)
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -90,10 +93,10 @@ def validate_model(m: ModelConfig) -> None:
     _check(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
 
 
-def validate_data(d: DataConfig, m: ModelConfig) -> None:
+def validate_data(d: DataConfig, m: ModelConfig, model_known: bool = True) -> None:
     _positive(d, "data", "seq_len")
     _check(
-        d.seq_len <= m.max_seq_len,
+        not model_known or d.seq_len <= m.max_seq_len,
         "data.seq_len",
         d.seq_len,
         f"must not exceed model.max_seq_len ({m.max_seq_len})",
@@ -287,3 +290,30 @@ def _check_pipeline_microbatches(schedule: str, pp: int, microbatches: int, per_
                 f"({microbatches}) to be a multiple of microbatches // pipeline_parallel_size "
                 f"({rounds}); use a multiple of {pp}: {hint}"
             )
+
+
+def validate_lora(config: Config) -> None:
+    """finetune.lora: adapters need base weights to adapt (finetune.init). The rank is
+    never split by tensor parallelism (see megagpt.parallel.lora), so it need not
+    divide anything."""
+    lora = config.finetune.lora
+    _check(lora.rank >= 0, "finetune.lora.rank", lora.rank, "must be >= 0 (0 turns LoRA off)")
+    if lora.rank == 0:
+        return
+    _check(lora.alpha > 0, "finetune.lora.alpha", lora.alpha, "must be positive")
+    _check(0.0 <= lora.dropout < 1.0, "finetune.lora.dropout", lora.dropout, "must be in [0, 1)")
+    unknown = [t for t in lora.targets if t not in LORA_TARGETS]
+    _check(
+        not unknown and bool(lora.targets),
+        "finetune.lora.targets",
+        lora.targets,
+        f"{'names unknown projections ' + ', '.join(unknown) if unknown else 'is empty'}; "
+        f"choose among {', '.join(LORA_TARGETS)}",
+    )
+    _check(
+        bool(config.finetune.init),
+        "finetune.lora.rank",
+        lora.rank,
+        "needs finetune.init: LoRA adapts pretrained weights, which stay frozen "
+        "(finetune.init=runs/pretrain), or set finetune.lora.rank=0 to train every weight",
+    )

@@ -179,10 +179,7 @@ def build_finetune_datasets(
 ) -> SplitDatasets:
     """The train, validation and test splits of a labeled set, by examples."""
     if manifest.format != "sft":
-        raise ConfigError(
-            f"data.path: a {manifest.format} set is read by the classification trainer, "
-            "not as chat or instruction data (set finetune.task = classify)"
-        )
+        raise ConfigError(f"data.path: a {manifest.format} set is not chat or instruction data")
     source = ExampleSource(manifest)
     ranges = split_documents(len(source), cfg.split)
     name = manifest.shard_prefixes[0]

@@ -28,6 +28,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
         "blocks": layers * (attention + mlp + 2 * norm),
         "final_norm": norm,
         "lm_head": 0 if cfg.tie_embeddings else vocab * c,
+        "score": cfg.num_labels * c,
     }
     counts["total"] = sum(counts.values())
     return counts

@@ -23,6 +23,7 @@ from torch import nn
 
 from megagpt.config.schema import ModelConfig
 from megagpt.model.kv_cache import KVCache
+from megagpt.model.lora import ADAPTER_PARAMETERS, adapter_initial_value
 from megagpt.utils.seeds import derive_key
 
 IGNORE_INDEX = -100
@@ -171,6 +172,19 @@ class Attention(nn.Module):
         return self.resid_dropout(self.out_proj(y))
 
 
+class ClassificationHead(nn.Module):
+    """GPT-1's classifier: a linear layer on the final hidden state of one token of each
+    sequence (the text's last, EOD, which has attended to all of it)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(h.shape[0], device=h.device)
+        return self.proj(h[rows, positions])  # (B, num_labels)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -218,6 +232,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.final_norm = build_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
+        self.score = ClassificationHead(cfg) if cfg.num_labels else None
         self.tie_weights()
         # Rotary tables are derived state: not saved, rebuilt by init_weights().
         shape = (cfg.max_seq_len, cfg.head_dim) if cfg.position_embedding == "rope" else (0,)
@@ -235,7 +250,8 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
         reduction: str = "mean",
-    ) -> torch.Tensor:
+        label_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, T) ids -> logits (B, T, V), or the loss over the targets (B, T)
         that are not IGNORE_INDEX if they are given (their mean, or sum with
         reduction="sum"). The loss is computed here, inside forward, so that
@@ -246,6 +262,10 @@ class GPT(nn.Module):
         Packed examples (fine-tuning): `positions` (B, T) restart at 0 in every example
         and `segments` (B, T) number the examples of each row, so that attention never
         crosses from one example into another. Without them token t is at start_pos + t.
+
+        Classification: with `label_positions` (B,), the token of each row whose final
+        hidden state the classification head reads, the result is a pair: what the
+        language-model head gives (logits or loss, as above) and the class logits (B, L).
         """
         if self.embed_tokens is not None:
             h = self.embed_tokens(tokens)  # (B, T, C)
@@ -271,11 +291,14 @@ class GPT(nn.Module):
                 h = block(h, rope, kv_cache, examples)
         if self.final_norm is not None:
             h = self.final_norm(h)
+        classes = None
+        if label_positions is not None:
+            classes = self.score(h, label_positions)  # (B, num_labels)
         if self.lm_head is not None:
             h = self.lm_head(h)  # (B, T, V)
             if targets is not None:
-                return cross_entropy(h, targets, reduction)
-        return h
+                h = cross_entropy(h, targets, reduction)
+        return h if classes is None else (h, classes)
 
     def tie_weights(self) -> None:
         """Share the embedding with the output layer. Call again after `to_empty`,
@@ -296,6 +319,8 @@ class GPT(nn.Module):
         starts from exactly the weights of a single-process run.
         """
         leaf = name.rsplit(".", 1)[-1]
+        if leaf in ADAPTER_PARAMETERS:  # LoRA: B zero, so training starts at the base model
+            return adapter_initial_value(name, shape, seed, device)
         if "norm" in name:
             return (torch.ones if leaf == "weight" else torch.zeros)(shape, device=device)
         if leaf == "bias":

@@ -27,6 +27,8 @@ class Microbatch:
     targets: torch.Tensor
     positions: torch.Tensor | None = None
     segments: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # classification: (B,), IGNORE_INDEX for none
+    label_positions: torch.Tensor | None = None  # the token each row is classified at
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """The packing inputs, for the model's forward (nothing for plain text)."""
@@ -38,6 +40,9 @@ class Microbatch:
 
     def supervised_tokens(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
+
+    def labeled_rows(self) -> int:
+        return 0 if self.labels is None else int((self.labels != IGNORE_INDEX).sum())
 
 
 def load_microbatch(dataset, indices, vocab_size: int, device: torch.device) -> Microbatch:

@@ -19,15 +19,17 @@ def memory_bytes(module: TrainModule, expected: bool = False) -> dict[str, int]:
     """This rank's bytes of parameters, gradients and optimizer state.
 
     With expected=True, gradients and AdamW's two moments are counted as they will be
-    once allocated (the same shapes as the local parameters), for the start-up log.
+    once allocated (the shapes of the local trainable parameters: frozen ones, a LoRA
+    run's base weights, have neither), for the start-up log.
     """
     params = module.parameters()
     param_bytes = _nbytes(params)
     if expected:
+        trainable_bytes = _nbytes(p for p in params if p.requires_grad)
         return {
             "parameters": param_bytes,
-            "gradients": param_bytes,
-            "optimizer_state": 2 * param_bytes,
+            "gradients": trainable_bytes,
+            "optimizer_state": 2 * trainable_bytes,
         }
     grads = [p.grad for p in params if p.grad is not None]
     states = [

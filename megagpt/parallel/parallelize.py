@@ -1,6 +1,7 @@
 """Apply the configured layout to a plain GPT, one logged step at a time.
 
-parallelize(config, env) builds the model on the meta device and, in this order:
+parallelize(config, env) builds the model on the meta device (with LoRA adapters when
+finetune.lora.rank is set, see parallel/lora.py) and, in this order:
 splits it into pipeline stages; then for each local stage applies tensor (and
 sequence) parallelism, activation checkpointing, torch.compile per block, and data
 parallelism / ZeRO, each only where it has more than one rank; then allocates it and
@@ -23,6 +24,7 @@ from megagpt.parallel.data_parallel import apply_data_parallel
 from megagpt.parallel.dims import ParallelDims, device_type
 from megagpt.parallel.env import DistributedEnv
 from megagpt.parallel.init import materialize_shards
+from megagpt.parallel.lora import add_adapters
 from megagpt.parallel.pipeline import build_schedule, split_model, stage_ids
 from megagpt.parallel.tensor_parallel import apply_tensor_parallel
 from megagpt.parallel.train_module import ScaledLoss, TrainModule
@@ -59,6 +61,8 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
         dims.tp,
     )
     meta = build_meta_model(config.model)
+    if config.finetune.lora.rank:
+        add_adapters(meta, config.finetune.lora)  # before the split: stages keep them
     n_stages = dims.pp * p.virtual_stages
     stages, parts = [0], [meta]
     if dims.pipeline_enabled:

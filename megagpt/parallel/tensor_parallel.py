@@ -28,6 +28,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from megagpt.model.gpt import GPT
+from megagpt.parallel.lora import keep_base_frozen, lora_plan
 
 
 class ReplicatedParallel(ParallelStyle):
@@ -100,6 +101,13 @@ def tensor_parallel_plan(part: GPT, sequence_parallel: bool) -> dict[str, Parall
         plan[f"{prefix}.mlp.down_proj"] = RowwiseParallel(output_layouts=between)
     if part.final_norm is not None:
         plan["final_norm"] = norm
+    if getattr(part, "score", None) is not None:  # classification: small, replicated
+        plan["score"] = PrepareModuleInput(
+            input_layouts=(between, None),
+            desired_input_layouts=(Replicate(), None),
+            use_local_output=True,
+        )
+        plan["score.proj"] = ReplicatedParallel()
     if part.lm_head is not None:
         plan["lm_head"] = ColwiseParallel(
             input_layouts=between, output_layouts=Shard(-1), use_local_output=False
@@ -108,5 +116,7 @@ def tensor_parallel_plan(part: GPT, sequence_parallel: bool) -> dict[str, Parall
 
 
 def apply_tensor_parallel(part: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    parallelize_module(part, tp_mesh, tensor_parallel_plan(part, sequence_parallel))
+    plan = lora_plan(part, tensor_parallel_plan(part, sequence_parallel))  # adapters, if any
+    parallelize_module(part, tp_mesh, plan)
+    keep_base_frozen(part)
     part.tie_weights()  # both sides are sharded on the vocabulary: the tie survives

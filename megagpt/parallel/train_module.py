@@ -15,6 +15,10 @@ of ranks or pipeline microbatches. Each rank scales its sums by dp / N because d
 parallelism averages gradients over the dp ranks. Losses come back as this rank's
 share (zero on ranks without the last pipeline stage); `global_mean` adds the shares
 up into the number one process would report.
+
+Classification batches (labels and the token each row is classified at) add GPT-1's
+loss: the classification loss, a mean over the labeled rows of the global batch, plus
+finetune.lm_loss_weight times the language-modelling loss of the texts.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
@@ -31,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from megagpt.config import Config
-from megagpt.model.gpt import cross_entropy
+from megagpt.model.gpt import IGNORE_INDEX, cross_entropy
 from megagpt.parallel.batches import Microbatch, step_batches
 from megagpt.parallel.data_parallel import sync_every_microbatch
 from megagpt.parallel.dims import ParallelDims
@@ -114,12 +119,21 @@ class TrainModule:
     # ------------------------------------------------------------------ steps
     def supervised_tokens(self, batches: list[Microbatch]) -> int:
         """N: the trained tokens of the global batch, over every data-parallel rank."""
-        count = sum(b.supervised_tokens() for b in batches)
+        return self.global_counts(batches)[0]
+
+    def global_counts(self, batches: list[Microbatch]) -> tuple[int, int]:
+        """Trained tokens and labeled rows of the global batch, over every data-parallel
+        rank (tensor- and pipeline-parallel ranks read the same batches: counted once)."""
+        counts = [
+            sum(b.supervised_tokens() for b in batches),
+            sum(b.labeled_rows() for b in batches),
+        ]
         if self.dims.world_size == 1:
-            return count
-        total = torch.tensor(float(count), dtype=torch.float64, device=self.env.device)
-        dist.all_reduce(total)  # tensor- and pipeline-parallel ranks count the same batches
-        return round(float(total) * self.dims.dp / self.dims.world_size)
+            return counts[0], counts[1]
+        total = torch.tensor(counts, dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(total)
+        tokens, rows = (round(float(x) * self.dims.dp / self.dims.world_size) for x in total)
+        return tokens, rows
 
     def train_step(
         self, batches: list[Microbatch], seeds: Sequence[int] | None = None
@@ -132,7 +146,8 @@ class TrainModule:
         layout (see dropout_seed). A pipeline draws them inside the schedule and is
         seeded once per step.
         """
-        scale = self.dp_size / max(1, self.supervised_tokens(batches))
+        tokens, rows = self.global_counts(batches)
+        scale = self.dp_size / max(1, tokens)
         if self.schedule is not None:
             if seeds:
                 torch.manual_seed(seeds[0])
@@ -147,13 +162,60 @@ class TrainModule:
                 part.set_requires_gradient_sync(every or i == len(batches) - 1)
             with self._loss_context():
                 with self.autocast():
-                    loss = part(
-                        batch.inputs, batch.targets, reduction="sum", **batch.model_kwargs()
-                    )
-                    loss = loss * scale
+                    if batch.labels is not None:
+                        loss = self._classification_loss(batch, scale, self.dp_size / max(1, rows))
+                    else:
+                        loss = part(
+                            batch.inputs, batch.targets, reduction="sum", **batch.model_kwargs()
+                        )
+                        loss = loss * scale
                 loss.backward()
             total += local(loss.detach())
         return total
+
+    def _classification_loss(
+        self, batch: Microbatch, token_scale: float, row_scale: float
+    ) -> torch.Tensor:
+        weight = self.config.finetune.lm_loss_weight
+        lm, classes = self.parts[0](
+            batch.inputs,
+            batch.targets if weight else None,
+            reduction="sum",
+            label_positions=batch.label_positions,
+        )
+        loss = F.cross_entropy(
+            classes.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        loss = loss * row_scale
+        if weight:
+            loss = loss + weight * local(lm) * token_scale
+        return loss
+
+    @torch.no_grad()
+    def evaluate_classifier(self, dataset) -> dict[str, float]:
+        """Classification loss, accuracy and macro-F1 over every example of `dataset`
+        (an evaluation split, read once, in order), as one process computes them."""
+        t = self.config.train
+        labels = self.config.model.num_labels
+        confusion = torch.zeros(labels, labels, dtype=torch.float64, device=self.env.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        self.train(False)
+        for step in range(-(-len(dataset) // t.global_batch_size)):
+            for batch in step_batches(dataset, step, self, self.config):
+                with self._loss_context(), self.autocast():
+                    _, classes = self.parts[0](batch.inputs, label_positions=batch.label_positions)
+                counted = batch.labels != IGNORE_INDEX
+                truth, guess = batch.labels[counted], classes[counted].argmax(-1)
+                loss_sum += F.cross_entropy(classes[counted].float(), truth, reduction="sum")
+                confusion.index_put_(
+                    (truth, guess), torch.ones_like(truth, dtype=confusion.dtype), accumulate=True
+                )
+        self.train(True)
+        if self.dims.world_size > 1:  # tensor-parallel ranks hold copies: count once
+            for value in (confusion, loss_sum):
+                dist.all_reduce(value)
+                value /= self.dims.world_size // self.dims.dp
+        return classification_metrics(confusion, float(loss_sum))
 
     @torch.no_grad()
     def eval_step(self, batches: list[Microbatch], supervised: int | None = None) -> torch.Tensor:
@@ -265,3 +327,19 @@ class TrainModule:
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return norm
+
+
+def classification_metrics(confusion: torch.Tensor, loss_sum: float) -> dict[str, float]:
+    """val_loss (mean cross-entropy), val_accuracy and val_macro_f1 from a confusion
+    matrix (rows: true labels, columns: predictions). Macro-F1 averages the classes
+    that occur as a label or a prediction (as scikit-learn does)."""
+    total = float(confusion.sum())
+    correct = confusion.diagonal()
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    present = (support + predicted) > 0
+    f1 = 2 * correct / (support + predicted).clamp(min=1)
+    return {
+        "val_loss": loss_sum / max(1.0, total),
+        "val_accuracy": float(correct.sum()) / max(1.0, total),
+        "val_macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+    }

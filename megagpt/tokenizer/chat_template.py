@@ -159,13 +159,13 @@ class ChatTemplate:
         return self._encode(tokenizer, [(prompt, False), (completion, True)], True)
 
     def render_prompt(self, tokenizer: Tokenizer, messages: Sequence[Any]) -> list[int]:
-        """Ids for generating the next assistant reply: EOD first when the template
-        appends one (it is what precedes an example in the training data), then the
-        conversation so far and the generation prompt."""
+        """Ids for generating the next assistant reply: the conversation so far and the
+        generation prompt, exactly as a training example begins (the fine-tuning packer
+        starts every example at position 0, with nothing before it)."""
         turns = parse_messages(messages, self.markers)
         segments = [*self._turn_segments(turns, set()), (self.generation_prompt, False)]
         ids, _ = self._encode(tokenizer, segments, False, eod=False)
-        return [tokenizer.eod_id, *ids] if self.append_eod else ids
+        return ids
 
     def text(self, messages: Sequence[Any]) -> str:
         """The rendered text of a conversation, without EOD (for reading and tests)."""

@@ -24,6 +24,7 @@ from megagpt.checkpoint import layout
 from megagpt.checkpoint.inference import checkpoint_config
 from megagpt.config import Config, ConfigError, ModelConfig
 from megagpt.data import build_datasets
+from megagpt.data.classify import build_classification_datasets
 from megagpt.data.dataset import SplitDatasets
 from megagpt.data.finetune import build_finetune_datasets, labeled_manifest
 from megagpt.data.manifest import MANIFEST_SUFFIX
@@ -84,6 +85,12 @@ def apply_init(config: Config) -> Config:
     config.model = dataclasses.replace(model, **kept)
     if config.data.tokenizer is None:
         config.data.tokenizer = tokenizer
+    if config.data.seq_len > config.model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len = {config.data.seq_len} exceeds the context of finetune.init "
+            f"({config.model.max_seq_len} tokens); set data.seq_len={config.model.max_seq_len} "
+            "or less (and preprocess with --max-tokens to match)"
+        )
     return config
 
 
@@ -93,6 +100,8 @@ def build_run_datasets(config: Config) -> SplitDatasets:
     if manifest is None:
         return build_datasets(config.data, config.train.seed)
     _check_data_tokenizer(config)
+    if manifest.format == "classify":
+        return _classification_datasets(config, manifest)
     if config.data.chat_template is None and manifest.template_path is not None:
         config.data.chat_template = str(manifest.template_path)
     datasets = build_finetune_datasets(
@@ -103,6 +112,40 @@ def build_run_datasets(config: Config) -> SplitDatasets:
         if split is not None:
             split.count_supervised()
             log.info("fine-tuning %s split: %s", name, split.stats.describe(config.data.seq_len))
+    return datasets
+
+
+def _classification_datasets(config: Config, manifest) -> SplitDatasets:
+    """A classify set: the model gets a head of one output per label (GPT-1's)."""
+    if config.parallel.pipeline_parallel_size > 1:
+        raise ConfigError(
+            "parallel.pipeline_parallel_size > 1: classification trains on data- and "
+            "tensor-parallel layouts (with ZeRO); set parallel.pipeline_parallel_size=1"
+        )
+    if config.finetune.lora.rank:
+        raise ConfigError(
+            "finetune.lora.rank > 0 with classification data: LoRA checkpoints hold only "
+            "adapters, not a new classification head; fine-tune the classifier without "
+            "LoRA (finetune.lora.rank=0)"
+        )
+    labels = [str(name) for name in manifest.labels]
+    if config.finetune.labels and config.finetune.labels != labels:
+        raise ConfigError(
+            f"finetune.labels = {config.finetune.labels} but the data's labels are {labels}; "
+            "fine-tune one classifier per label set (or leave finetune.labels unset)"
+        )
+    config.finetune.labels = labels
+    config.model.num_labels = len(labels)
+    datasets = build_classification_datasets(config.data, manifest, config.train.seed)
+    log.info(
+        "classification: %d labels (%s); %s training and %s validation texts; loss = "
+        "classification + %g x language modelling",
+        len(labels),
+        ", ".join(labels[:10]) + (" ..." if len(labels) > 10 else ""),
+        f"{len(datasets.train):,}",
+        f"{len(datasets.valid):,}" if datasets.valid else "no",
+        config.finetune.lm_loss_weight,
+    )
     return datasets
 
 

@@ -73,6 +73,8 @@ class TrainResult:
     """The run stopped early on SIGUSR1/SIGTERM or Ctrl-C, after saving a checkpoint."""
     stop_signal: str | None = None
     """The signal that stopped it early (SIGUSR1, SIGTERM, SIGINT), if any."""
+    val_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Every validation metric by step (classification: loss, accuracy, macro-F1)."""
     skipped_steps: list[int] = field(default_factory=list)
     """Steps whose loss or gradient norm was not finite, skipped without an update."""
 
@@ -162,6 +164,8 @@ class Trainer:
         self.step_flops = flops_per_token(config.model, config.data.seq_len) * (
             self.tokens_per_step
         )
+        if config.finetune.lora.rank:  # a frozen base computes no weight gradients
+            self.step_flops *= 4 / 6
         if env.is_main:  # only now: a run refused above must not replace its config
             save_config(config, self.output_dir / "config.yaml")
         resumed = self.start_step if self.start_step else None
@@ -321,6 +325,18 @@ class Trainer:
         t, valid = self.config.train, self.datasets.valid
         if not (t.eval_interval and valid and (done % t.eval_interval == 0 or is_last)):
             return {}
+        if self.config.model.num_labels:
+            metrics = self.module.evaluate_classifier(valid)
+            result.val_losses[done] = metrics["val_loss"]
+            result.val_metrics[done] = metrics
+            log.info(
+                "step %d | validation loss %.4f | accuracy %.4f | macro-F1 %.4f",
+                done,
+                metrics["val_loss"],
+                metrics["val_accuracy"],
+                metrics["val_macro_f1"],
+            )
+            return metrics
         val_loss = self.module.evaluate(valid)
         result.val_losses[done] = val_loss
         val_ppl = math.exp(min(val_loss, 50.0))
