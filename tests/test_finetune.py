@@ -126,6 +126,7 @@ def test_fine_tuning_starts_from_the_pretrained_weights(pretrained, sft_manifest
 LAYOUTS = [
     ("accumulate-4", 1, ["train.micro_batch_size=2"]),
     ("dp2", 2, ["train.micro_batch_size=4"]),
+    ("tp2-sp", 2, ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"]),
     ("dp2-zero3-accumulate-2", 2, ["train.micro_batch_size=2", "parallel.zero_stage=3"]),
     (
         "tp2-pp2",
@@ -216,3 +217,32 @@ def test_apply_overrides_keeps_the_pretrained_shape(pretrained, sft_manifest, tm
     train(config)
     assert config.model.n_layers == 2 and config.model.dropout == 0.1
     assert apply_overrides(config, ["train.max_steps=2"], "test").model.n_layers == 2
+
+
+def test_fine_tuning_starts_from_a_hugging_face_directory(pretrained, sft_manifest, tmp_path):
+    """The same weights exported to transformers and given as finetune.init fine-tune
+    exactly as the megagpt checkpoint does."""
+    from megagpt.checkpoint.convert import export_hf
+
+    export_hf(pretrained, tmp_path / "hf")
+    ours = train(finetune_config(pretrained, sft_manifest, tmp_path / "a", "train.max_steps=2"))
+    theirs = train(finetune_config(tmp_path / "hf", sft_manifest, tmp_path / "b",
+                                   "train.max_steps=2"))  # fmt: skip
+    assert theirs.losses == pytest.approx(ours.losses, rel=1e-6)
+    assert (tmp_path / "b" / "init" / "checkpoints").is_dir()  # converted once, in the run
+
+
+def test_fine_tuning_starts_from_weights_saved_on_another_layout(
+    pretrained, sft_manifest, chat_tokenizer, tmp_path
+):
+    """Weights pretrained and saved by two tensor-parallel ranks start a one-process
+    fine-tune (resharded on load) as the one-process pretraining's weights do."""
+    prefix = str(pretrained.parent / "docs_text_document")  # the same data, in the same order
+    overrides = tiny_overrides(prefix, chat_tokenizer, tmp_path / "tp2")
+    tp2 = load_config(None, [*overrides, "train.max_steps=3", "logging.tensorboard=false",
+                             "parallel.tensor_parallel_size=2"])  # fmt: skip
+    run_distributed(train, 2, args=(tp2,))
+    one = train(finetune_config(pretrained, sft_manifest, tmp_path / "a", "train.max_steps=2"))
+    two = train(finetune_config(tmp_path / "tp2", sft_manifest, tmp_path / "b",
+                                "train.max_steps=2"))  # fmt: skip
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
