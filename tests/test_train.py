@@ -170,3 +170,21 @@ def test_max_nan_skips_skips_then_stops(tiny_config):
         train(config)
     metrics = [json.loads(line) for line in open(Path(config.train.output_dir) / "metrics.jsonl")]
     assert [r["step"] for r in metrics] == [1]  # skipped steps log no metrics
+
+
+def stop_at_step_3(step, metrics):
+    return f"val_loss {metrics['val_loss']:.3f} seen at step {step}" if step >= 3 else None
+
+
+def test_an_evaluation_hook_stops_every_rank_after_its_step(tiny_config, tmp_path):
+    """A hook sees each evaluation's metrics (on the main rank); its reason stops the
+    run after that step, on every rank, with a checkpoint of that step."""
+    seen = []
+    config = apply_overrides(tiny_config, ["train.eval_interval=1", "train.max_steps=6"], "t")
+    result = train(config, hooks=[lambda step, m: seen.append((step, sorted(m))), stop_at_step_3])
+    assert [s for s, _ in seen] == [1, 2, 3] and "val_loss" in seen[0][1]
+    assert len(result.losses) == 3 and result.stop_reason.startswith("val_loss")
+    assert read_metadata(resolve_checkpoint_dir(config.train.output_dir))["step"] == 3
+    parallel = apply_overrides(config, [f"train.output_dir={tmp_path / 'dp2'}"], "dp2")
+    results = run_distributed(train, 2, args=(parallel, [stop_at_step_3]))
+    assert [len(r.losses) for r in results] == [3, 3]

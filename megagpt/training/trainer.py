@@ -17,10 +17,12 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megagpt.checkpoint import Checkpointer
 from megagpt.config import Config, ConfigError, save_config
@@ -76,10 +78,19 @@ class TrainResult:
     val_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     """Every validation metric by step (classification: loss, accuracy, macro-F1)."""
     skipped_steps: list[int] = field(default_factory=list)
+    stop_reason: str | None = None
+    """Why an evaluation hook stopped the run early (see EvaluationHook), if one did."""
     """Steps whose loss or gradient norm was not finite, skipped without an update."""
 
 
-def train(config: Config) -> TrainResult:
+EvaluationHook = Callable[[int, dict[str, float]], "str | None"]
+"""Called on the main rank after every evaluation with the step and its metrics (the
+ones logged: val_loss, ...). A returned string stops the run after this step, with a
+checkpoint, and is logged and kept as TrainResult.stop_reason (early stopping, a
+search's pruning)."""
+
+
+def train(config: Config, hooks: Sequence[EvaluationHook] = ()) -> TrainResult:
     """Train as configured; call it on every rank (torchrun sets the environment)."""
     check_data_config(config.data)  # settings and tokenizer: before anything is written
     if config.finetune.init:
@@ -90,7 +101,7 @@ def train(config: Config) -> TrainResult:
     setup_logging(env.rank, config.logging.level, config.logging.all_ranks)
     try:
         with locked_outputs(config, env):  # one run per output directory
-            return Trainer(config, env).run()
+            return Trainer(config, env, hooks).run()
     finally:
         shutdown_distributed(env)
 
@@ -105,8 +116,8 @@ def exit_code(result: TrainResult) -> int:
 
 
 class Trainer:
-    def __init__(self, config: Config, env):
-        self.config, self.env = config, env
+    def __init__(self, config: Config, env, hooks: Sequence[EvaluationHook] = ()):
+        self.config, self.env, self.hooks = config, env, list(hooks)
         t, device = config.train, env.device
         self.output_dir = Path(t.output_dir)  # created and locked by locked_outputs
         if device.type == "cpu":
@@ -231,6 +242,8 @@ class Trainer:
                     result.skipped_steps.append(done)
                 else:
                     self._after_step(done, *outcome, lr, result)
+                if result.stop_reason is not None:
+                    break
                 if stop:
                     if self.checkpointer.last_step != done:
                         self._save(done, result.losses[-1] if result.losses else math.nan, lr)
@@ -280,9 +293,29 @@ class Trainer:
             or (len(result.losses) == 1 or is_last)
         ):
             self._log(done, loss, lr, grad_norm, metrics)
+        if metrics and self.hooks:
+            result.stop_reason = self._ask_hooks(done, metrics)
         interval = self.config.checkpoint.interval
-        if is_last or (interval and done % interval == 0):
+        stopping = result.stop_reason is not None
+        if is_last or stopping or (interval and done % interval == 0):
             self._save(done, loss, lr)
+        if stopping:
+            log.warning("step %d | stopping: %s", done, result.stop_reason)
+
+    def _ask_hooks(self, done: int, metrics: dict[str, float]) -> str | None:
+        """The first reason a hook gives to stop, decided on the main rank and sent to
+        every rank, so that all of them stop together."""
+        reason = None
+        if self.env.is_main:
+            for hook in self.hooks:
+                reason = hook(done, metrics)
+                if reason:
+                    break
+        if self.env.world_size > 1:
+            box = [reason]
+            dist.broadcast_object_list(box, src=0)
+            reason = box[0]
+        return reason or None
 
     def _step(self, step: int, lr: float) -> tuple[float, float] | None:
         """One optimizer step; (loss, grad norm), or None if it was skipped as non-finite."""
