@@ -27,6 +27,7 @@ from data_tools.cli import run_tool, setup_logging
 from megagpt.config import load_config
 from megagpt.config.errors import ConfigError
 from megagpt.data.dataset import SPLITS, BlendedDataset, build_datasets, split_documents
+from megagpt.data.epochs import epochs_read
 from megagpt.data.indexed import IndexedDataset, IndexedDatasetError
 from megagpt.data.manifest import expand_manifests
 from megagpt.data.settings import parse_data_path
@@ -82,13 +83,11 @@ def report(config, check: bool) -> list[str]:
             line += f"; the run reads {needed:,} samples = {needed / len(data):,.2f} epochs"
         lines.append(line)
         if isinstance(data, BlendedDataset):
-            units = data.schedule.units / data.schedule.units.sum()
-            for part, share in zip(parts, units):
-                epochs = (
-                    f", {share * needed / len(part):,.2f} epochs read" if split == "train" else ""
-                )
+            for part in epochs_read(data, needed):  # the same counts a run checks
+                epochs = f", {part.epochs:,.2f} epochs read" if split == "train" else ""
                 lines.append(
-                    f"    {share:6.1%}  {part.name}: {len(part):,} samples per epoch{epochs}"
+                    f"    {part.share:6.1%}  {part.name}: {part.samples_per_epoch:,} samples "
+                    f"per epoch{epochs}"
                 )
     return lines
 

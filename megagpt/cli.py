@@ -1,5 +1,5 @@
 """The `megagpt` command: train, finetune, generate, chat, eval, demo, config, launch,
-sweep-report."""
+sweep-report, compare."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from megagpt.classify_cli import add_classify_command, run_classify
 from megagpt.errors import report_user_errors
 from megagpt.launch.cli import add_launch_commands, run_launch, run_sweep_report
+from megagpt.launch.search_cli import run_compare
 
 OVERRIDES_HELP = "settings as section.key=value (e.g. optim.lr=3e-4 model.n_layers=4)"
 FIELDS_HINT = "Every setting, its type, default and meaning: megagpt config fields"
@@ -102,6 +103,26 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}; e.g. data.path=other")
+    _add_eval_tasks(p)
+
+
+def _add_eval_tasks(p) -> None:
+    """The flags of `megagpt eval --tasks` (lm-evaluation-harness, see megagpt.harness)."""
+    p.description = (
+        "Without --tasks: loss and perplexity on a data split. With --tasks: lm-evaluation-"
+        "harness tasks through megagpt's own model (pip install megagpt[eval]), on the layout "
+        "the overrides give (parallel.tensor_parallel_size=2 ...; run under torchrun for "
+        "several processes); results go to <checkpoint>/eval/<time>/."
+    )
+    p.add_argument(
+        "--tasks",
+        help="lm-eval task names and/or task YAML paths, comma-separated "
+        "(hellaswag,lambada_openai,path/to/task.yaml)",
+    )
+    p.add_argument("--num-fewshot", type=int, help="examples before each question")
+    p.add_argument("--limit", type=float, help="documents per task (a fraction if below 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    p.add_argument("--output", help="directory for the results (default: beside the checkpoint)")
 
 
 def _add_demo(sub) -> None:
@@ -367,10 +388,30 @@ def _checkpoint(args) -> int:
 def _eval(args) -> None:
     from megagpt.evaluate import evaluate_checkpoint
 
+    if args.tasks:
+        return _eval_tasks(args)
+
     result = evaluate_checkpoint(
         args.checkpoint, args.split, args.iters, args.overrides, args.device
     )
     print(json.dumps(result))
+
+
+def _eval_tasks(args) -> None:
+    from megagpt.harness.run import evaluate_tasks, format_results
+
+    results = evaluate_tasks(
+        args.checkpoint,
+        args.tasks,
+        args.num_fewshot,
+        int(args.limit) if args.limit and args.limit >= 1 else args.limit,
+        args.batch_size,
+        args.overrides,
+        args.device,
+        args.output,
+    )
+    if results is not None:  # the first rank reports
+        print(format_results(results))
 
 
 def _demo(args) -> None:
@@ -408,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "checkpoint": _checkpoint,
         "launch": run_launch,
         "sweep-report": run_sweep_report,
+        "compare": run_compare,
     }
     # Ctrl-C in training saves a checkpoint first; a second one, or one elsewhere, ends here.
     return report_user_errors(f"megagpt {args.command}", lambda: handlers[args.command](args))

@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "megagpt.generate",
             "megagpt.chat",
             "megagpt.classify",
+            "megagpt.harness",
         ),
     ),
     ("launch", ("megagpt.launch",)),

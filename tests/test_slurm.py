@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from megagpt.launch.rendezvous import expand_hostlist
+from megagpt.launch.search import Search
 from megagpt.launch.slurm import SlurmJob, submit_job
 from tests.conftest import tiny_overrides
 from tests.slurm_cluster import SlurmCluster, missing_requirements
@@ -161,7 +162,7 @@ def test_sweep_as_a_job_array_and_its_report(cluster, dataset_prefix, tokenizer,
         assert state == "COMPLETED", (sweep_dir / "slurm" / f"{job_id}_{index}.log").read_text()
     report = megagpt(cluster, "sweep-report", str(sweep_dir), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
-    header, *rows = report.stdout.splitlines()
+    header, *rows = report.stdout.split("\n\n")[0].splitlines()
     assert header.split() == [
         "rank",
         "run",
@@ -181,6 +182,60 @@ def test_sweep_as_a_job_array_and_its_report(cluster, dataset_prefix, tokenizer,
             (sweep_dir / row.split()[1] / "metrics.jsonl").read_text().splitlines()[-1]
         )
         assert f"{last['val_loss']:.4f}" == row.split()[4]
+
+
+def test_optuna_search_as_a_job_array_prunes_and_its_best_trial_reruns_alone(
+    cluster, dataset_prefix, tokenizer, tmp_path
+):
+    """8 tiny trials, 2 array tasks sharing the study's journal file; ASHA at evaluations
+    every 2 steps. The learning rate spans 3.5 decades, so trials with small rates fall
+    behind at the first rung and are pruned. The best trial's config.yaml, trained
+    again alone, gives its validation loss again."""
+    sweep_dir = tmp_path / "search"
+    base = [o for o in tiny_overrides(dataset_prefix, tokenizer, tmp_path) if "output_dir" not in o]
+    base += ["train.max_steps=6", "train.eval_interval=2", "optim.min_lr=0"]
+    base += ["logging.tensorboard=false"]
+    done = megagpt(
+        cluster, "launch", "sweep", "--search=optuna", "--trials=8", "--prune=asha",
+        "--max-parallel=2", f"--output-dir={sweep_dir}", "--time=10",
+        "--sample=optim.lr=loguniform:1e-5:3e-2", *base, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job_id = re.search(r"submitted job array (\d+) \(2 workers, 8 trials\)", done.stdout)[1]
+    wait_for_job(cluster, job_id, timeout_s=300)
+    logs = {i: sweep_dir / "slurm" / f"{job_id}_{i}.log" for i in range(2)}
+    for index, log in logs.items():
+        assert job_field(cluster, f"{job_id}_{index}", "JobState") == "COMPLETED", log.read_text()
+    report = megagpt(cluster, "sweep-report", str(sweep_dir), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    header, *rows = report.stdout.split("\n\n")[0].splitlines()
+    assert header.split() == ["rank", "trial", "optim.lr", "val_loss", "state", "step", "note"]
+    states = [row.split()[4] for row in rows]
+    assert len(rows) == 8 and "PRUNED" in states and "COMPLETE" in states, report.stdout
+    assert set(states) <= {"COMPLETE", "PRUNED"}, report.stdout
+    for row in rows:
+        trial = sweep_dir / row.split()[1]
+        steps = metric_steps(trial / "metrics.jsonl")
+        if row.split()[4] == "PRUNED":  # stopped at the evaluation that judged it
+            assert max(steps) == int(row.split()[5]) < 6 and "pruned at step" in row
+        else:
+            assert max(steps) == 6
+    # both array tasks trained trials of the one study: they shared its journal file
+    workers = {t.user_attrs["worker"] for t in Search.load(sweep_dir).study().get_trials()}
+    assert workers == {f"slurm-{job_id}_0", f"slurm-{job_id}_1"}
+    best = rows[0].split()
+    assert best[0] == "1" and best[4] == "COMPLETE"
+    rerun = subprocess.run(
+        [sys.executable, "-m", "megagpt", "train", "--config",
+         str(sweep_dir / best[1] / "config.yaml"), f"train.output_dir={tmp_path / 'rerun'}"],
+        env={**cluster.env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    last = json.loads((tmp_path / "rerun" / "metrics.jsonl").read_text().splitlines()[-1])
+    trial_last = json.loads((sweep_dir / best[1] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 6 and last["val_loss"] == pytest.approx(float(best[3]), abs=1e-4)
+    assert last["val_loss"] == pytest.approx(trial_last["val_loss"], abs=1e-6)
 
 
 def standin_job(state_dir: Path, max_restarts: int, time_limit: str, lead_s: int, *args: str):

@@ -95,7 +95,11 @@ def test_a_local_sweep_and_its_report(dataset_prefix, tokenizer, tmp_path):
     assert [run.point for run in sweep.runs] == [{"optim.lr": "1e-2"}, {"optim.lr": "1e-4"}]
     report = megagpt("sweep-report", str(sweep_dir))
     assert report.returncode == 0, report.stderr
-    header, first, second = report.stdout.splitlines()
+    table, plots = report.stdout.split("\n\n")
+    header, first, second = table.splitlines()
+    for name in ("validation_curves.png", "best_so_far.png"):  # a grid sweep's plots too
+        assert str(sweep_dir / name) in plots
+        assert (sweep_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert header.split() == ["rank", "run", "optim.lr", "val_loss", "step", "note"]
     # 6 steps at lr 1e-2 learn more than at 1e-4
     assert first.split()[:3] == ["1", "run-0", "1e-2"] and second.split()[:3] == [

@@ -8,6 +8,8 @@
                            tokenizer_config.json it was read with, if any)
         metadata.json      step, consumed samples/tokens, loss, layout, versions
     <root>/latest          the name of the newest complete checkpoint
+    <root>/best            with checkpoint.keep_best: the name of the checkpoint with
+                           the best value of that metric (see best.py)
 
 A checkpoint is written under `.step_00000600.partial/`; metadata.json is its last
 file, and the directory gets its real name by an atomic rename after every rank has
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 LATEST = "latest"
+BEST = "best"
 STATE_DIR = "state"
 METADATA = "metadata.json"
 TOKENIZER = "tokenizer.model"
@@ -121,16 +124,19 @@ def publish(partial: Path, root: Path, step: int, metadata: dict[str, Any]) -> P
     return final
 
 
-def apply_retention(root: Path, keep_last: int, keep_every: int) -> list[Path]:
+def apply_retention(
+    root: Path, keep_last: int, keep_every: int, protected: tuple[str, ...] = ()
+) -> list[Path]:
     """Delete complete checkpoints beyond the newest keep_last (0: keep all), except
-    those whose step is a multiple of keep_every; return what was deleted."""
+    those whose step is a multiple of keep_every and those named in `protected` (the
+    best one); return what was deleted."""
     if keep_last <= 0:
         return []
     complete = sorted(p for p in root.glob("step_*") if (p / METADATA).is_file())
     deleted = []
     for old in complete[:-keep_last]:
         step = int(old.name.split("_")[1])
-        if keep_every and step % keep_every == 0:
+        if (keep_every and step % keep_every == 0) or old.name in protected:
             continue
         delete(old)
         deleted.append(old)
@@ -143,19 +149,21 @@ def remove_incomplete(root: Path) -> list[Path]:
     for path in [*root.glob(".step_*.partial"), *root.glob(".step_*.deleting")]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
-    stale_pointer = root / f"{LATEST}.partial"
-    if stale_pointer.exists():
-        stale_pointer.unlink()
-        removed.append(stale_pointer)
+    for pointer in (LATEST, BEST):
+        stale_pointer = root / f"{pointer}.partial"
+        if stale_pointer.exists():
+            stale_pointer.unlink()
+            removed.append(stale_pointer)
     for path in removed:
         log.warning("removed an incomplete checkpoint left by an interrupted save: %s", path)
     return removed
 
 
-def _pointed_to(root: Path) -> Path | None:
-    """The checkpoint `latest` names, if it names one of this root's step directories;
-    anything else (a path elsewhere, `..`) is refused rather than followed."""
-    pointer = root / LATEST
+def _pointed_to(root: Path, name: str = LATEST) -> Path | None:
+    """The checkpoint the pointer `name` (latest, best) names, if it names one of this
+    root's step directories; anything else (a path elsewhere, `..`) is refused rather
+    than followed."""
+    pointer = root / name
     if not pointer.is_file():
         return None
     name = pointer.read_text().strip()
@@ -178,6 +186,11 @@ def checkpoints_newest_first(root: Path) -> list[Path]:
     return complete
 
 
+def point_best(root: Path, step: int) -> None:
+    """Make the `best` pointer name checkpoint `step` (written atomically, as latest)."""
+    atomic_write(root / BEST, step_dir_name(step) + "\n")
+
+
 def find_latest(root: Path) -> Path | None:
     """The checkpoint `latest` names, or the newest complete one if the pointer is gone."""
     candidates = checkpoints_newest_first(root)
@@ -185,8 +198,13 @@ def find_latest(root: Path) -> Path | None:
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """Accept a checkpoint directory, a checkpoints root, or a run's output directory."""
+    """Accept a checkpoint directory, a checkpoints root, a run's output directory, or
+    a pointer file in a checkpoints root (checkpoints/best, checkpoints/latest)."""
     path = Path(path)
+    if path.name in (LATEST, BEST) and path.is_file():
+        pointed = _pointed_to(path.parent, path.name)
+        if pointed is not None and (pointed / METADATA).is_file():
+            return pointed
     for candidate in (path, path / "checkpoints"):
         if (candidate / METADATA).is_file():
             return candidate

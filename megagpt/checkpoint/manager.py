@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from megagpt.checkpoint import layout, lora
+from megagpt.checkpoint.best import BestCheckpoint
 from megagpt.checkpoint.checksums import (
     ChecksummingWriter,
     checkpoint_problems,
@@ -106,6 +107,12 @@ class Checkpointer:
         self._pending: _Pending | None = None
         self.last_step: int | None = None  # the step of the newest save started
         self.lora_record: dict[str, Any] | None = None  # a LoRA run's base (see lora.py)
+        keep_best = config.checkpoint.keep_best
+        self.best = (
+            BestCheckpoint(keep_best, config.checkpoint.keep_best_mode)
+            if keep_best and is_main
+            else None
+        )
         # Background writes run their collectives on a group of their own, so they
         # never interleave with the training loop's collectives.
         self._group = dist.new_group(backend="gloo")
@@ -120,6 +127,8 @@ class Checkpointer:
         files are written when checkpoint.async_save is on)."""
         self.wait()
         self.last_step = step
+        if self.best is not None:  # after the wait: the previous save is published
+            self.best.consider(step, metadata.get("metrics") or {})
         partial = layout.partial_dir(self.root, step)
         if self.is_main:
             layout.start_partial(self.root, step, self.config)
@@ -188,9 +197,7 @@ class Checkpointer:
             if sums is not None:
                 pending.metadata["checksums"] = sums
             final = layout.publish(pending.partial, self.root, pending.step, pending.metadata)
-            cfg = self.config.checkpoint
-            for old in layout.apply_retention(self.root, cfg.keep_last, cfg.keep_every):
-                log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, cfg.keep_last)
+            self._retain()
         dist.barrier(group=self._group)
         log.info(
             "step %d | checkpoint %s complete: %.2fs in total, %.2fs of it blocking training",
@@ -200,6 +207,22 @@ class Checkpointer:
             pending.blocked_s,
         )
         return final
+
+    def is_new_best(self, metrics: dict[str, float]) -> bool:
+        """Whether these evaluation metrics beat every checkpoint saved so far by
+        checkpoint.keep_best, so that they deserve a save (main rank only)."""
+        return self.best is not None and self.best.improves(metrics)
+
+    def _retain(self) -> None:
+        """Point `best` at the best checkpoint, then delete what keep_last/keep_every do
+        not keep, never the best one (main rank, after a publish)."""
+        cfg, best = self.config.checkpoint, self.best
+        protected = ()
+        if best is not None and best.name and (self.root / best.name / layout.METADATA).is_file():
+            layout.point_best(self.root, best.step)
+            protected = (best.name,)
+        for old in layout.apply_retention(self.root, cfg.keep_last, cfg.keep_every, protected):
+            log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, cfg.keep_last)
 
     def _gather_checksums(self, pending: _Pending) -> dict[str, dict] | None:
         """Every rank's file sums, merged on the main rank (None without checksums);
@@ -277,6 +300,8 @@ class Checkpointer:
         metadata (step, consumed samples, ...)."""
         metadata = layout.read_metadata(directory)
         self._check_tokenizer(directory)
+        if self.best is not None:
+            self.best.recover(self.root, int(metadata["step"]))
         self.lora_record = lora.record_of(directory, self.config.finetune.lora)
         if self.lora_record is not None:
             self._load_lora(directory)

@@ -160,6 +160,15 @@ class DataConfig:
     """The chat template (JSON) the fine-tuning data was rendered with; set from the
     data's manifest, kept with the tokenizer in checkpoints, used by chat and generate."""
 
+    max_epochs: float | None = 4.0
+    """Passes over a training dataset beyond which the run warns at start-up (or stops,
+    with max_epochs_action=error): repeating data many times overfits. Counted per
+    blended dataset from its share of train.max_steps x global_batch_size; null: no check."""
+
+    max_epochs_action: Literal["warn", "error"] = "warn"
+    """What a run reading some dataset more than data.max_epochs times does at start-up:
+    warn and train, or stop with an error before the model is built."""
+
 
 @dataclass
 class OptimConfig:
@@ -196,6 +205,27 @@ class OptimConfig:
 
     wsd_decay_fraction: float = 0.2
     """Fraction of the post-warmup steps spent decaying under decay_style=wsd."""
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str = "val_loss"
+    """The evaluation metric to watch: any metric logged at evaluations (val_loss, val_ppl,
+    train_val_gap; val_accuracy, val_macro_f1 for classifiers; eval/<task>/acc etc. for
+    eval.tasks). Evaluations that did not measure it are not counted."""
+
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether lower (min) or higher (max) values are better; auto: max for names with
+    acc, accuracy, f1, exact_match, mcc or bleu in their last part, min otherwise
+    (losses, perplexity, bits per byte, the gap)."""
+
+    patience: int = 0
+    """Stop after this many evaluations in a row without an improvement (with a
+    checkpoint, and the reason logged); 0 turns early stopping off."""
+
+    min_delta: float = 0.0
+    """How much the metric must beat its best value by for an evaluation to count as an
+    improvement (0: any improvement counts)."""
 
 
 @dataclass
@@ -253,6 +283,9 @@ class TrainConfig:
     """Seconds a collective may block before the process group fails; None takes
     MEGAGPT_COLLECTIVE_TIMEOUT_S (set by megagpt launch) or 600."""
 
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Stop the run when a validation metric stops improving (off by default)."""
+
 
 @dataclass
 class CheckpointConfig:
@@ -283,6 +316,15 @@ class CheckpointConfig:
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this; 0 keeps none extra."""
 
+    keep_best: str | None = None
+    """Also keep the checkpoint with the best value of this evaluation metric (e.g.
+    val_loss), named by the `best` pointer beside `latest`; an evaluation that sets a
+    new best is saved even between checkpoint.interval steps. null: off."""
+
+    keep_best_mode: Literal["auto", "min", "max"] = "auto"
+    """Whether lower (min) or higher (max) values of keep_best are better; auto as
+    train.early_stopping.mode."""
+
 
 @dataclass
 class LoggingConfig:
@@ -301,6 +343,16 @@ class LoggingConfig:
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device at the training precision, for MFU. None looks
     up known GPUs and measures fp32 matmul throughput on CPU."""
+
+    wandb: bool = False
+    """Also log every metric to Weights & Biases (pip install 'megagpt[wandb]'), in
+    <train.output_dir>/wandb; WANDB_MODE=offline keeps it on disk for `wandb sync`."""
+
+    wandb_project: str = "megagpt"
+    """The W&B project of the run (with logging.wandb)."""
+
+    wandb_name: str | None = None
+    """The W&B run's display name; None: the name of train.output_dir."""
 
 
 LORA_TARGETS = (
@@ -357,6 +409,19 @@ class FinetuneConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)
+    """Downstream tasks evaluated inside the training loop: local files (or NAME=FILE)
+    of multiple-choice rows {"context", "choices", "answer"}, cloze rows {"context",
+    "continuation"}, or text (.txt, or rows {"text"}) for bits per byte; logged as
+    eval/<task>/acc, acc_norm, ppl, bpb (see megagpt/data/tasks.py)."""
+
+    interval: int | None = None
+    """Evaluate the tasks every this many steps, and at the end; None: at every
+    validation (train.eval_interval); 0: never."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Shape of the network."""
@@ -378,6 +443,9 @@ class Config:
 
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """What is logged and where."""
+
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Downstream tasks scored during training."""
 
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Fine-tuning on labeled data: the weights to start from and how examples are batched."""

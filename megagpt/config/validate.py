@@ -8,6 +8,8 @@ known. The syntax of data.path and data.split belongs to the data layer
 
 from __future__ import annotations
 
+import importlib.util
+
 from megagpt.config.errors import ConfigError
 from megagpt.config.schema import (
     LORA_TARGETS,
@@ -57,6 +59,7 @@ def validate_config(config: Config) -> None:
     validate_logging(config.logging)
     validate_parallel(config)
     validate_lora(config)
+    validate_overfitting_controls(config)
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -100,6 +103,12 @@ def validate_data(d: DataConfig, m: ModelConfig, model_known: bool = True) -> No
         "data.seq_len",
         d.seq_len,
         f"must not exceed model.max_seq_len ({m.max_seq_len})",
+    )
+    _check(
+        d.max_epochs is None or d.max_epochs > 0,
+        "data.max_epochs",
+        d.max_epochs,
+        "must be positive, or null to read the data any number of times without a warning",
     )
 
 
@@ -169,6 +178,19 @@ def validate_logging(log: LoggingConfig) -> None:
     _positive(log, "logging", "log_interval")
     peak = log.peak_tflops
     _check(peak is None or peak > 0, "logging.peak_tflops", peak, "must be positive or null")
+    _check_wandb(log)
+
+
+def _check_wandb(log: LoggingConfig) -> None:
+    """W&B's package is optional: say so before a run starts, not at its first log."""
+    if not log.wandb:
+        return
+    _check(bool(log.wandb_project.strip()), "logging.wandb_project", log.wandb_project, "is empty")
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "logging.wandb = true needs the wandb package: pip install 'megagpt[wandb]' "
+            "(or set logging.wandb=false)"
+        )
 
 
 def validate_parallel(config: Config) -> None:
@@ -317,3 +339,49 @@ def validate_lora(config: Config) -> None:
         "needs finetune.init: LoRA adapts pretrained weights, which stay frozen "
         "(finetune.init=runs/pretrain), or set finetune.lora.rank=0 to train every weight",
     )
+
+
+def validate_overfitting_controls(config: Config) -> None:
+    """train.early_stopping and checkpoint.keep_best watch evaluation metrics, so they
+    need evaluations (whether the metric exists is known once the data is: see
+    megagpt.training.overfitting)."""
+    stopping, t = config.train.early_stopping, config.train
+    _check(
+        stopping.patience >= 0,
+        "train.early_stopping.patience",
+        stopping.patience,
+        "must be >= 0 (0 turns early stopping off)",
+    )
+    _check(
+        stopping.min_delta >= 0,
+        "train.early_stopping.min_delta",
+        stopping.min_delta,
+        "must be >= 0",
+    )
+    _check(
+        bool(stopping.metric.strip()),
+        "train.early_stopping.metric",
+        stopping.metric,
+        "must name an evaluation metric, e.g. val_loss",
+    )
+    keep_best = config.checkpoint.keep_best
+    _check(
+        keep_best is None or bool(keep_best.strip()),
+        "checkpoint.keep_best",
+        keep_best,
+        "must name an evaluation metric (e.g. val_loss), or be null",
+    )
+    watched = (
+        ("train.early_stopping.patience", stopping.patience, stopping.patience and stopping.metric),
+        ("checkpoint.keep_best", keep_best, keep_best),
+    )
+    for key, value, metric in watched:
+        if not metric:
+            continue
+        by_tasks = metric.startswith("eval/") and bool(config.eval.interval)  # own schedule
+        _check(
+            t.eval_interval > 0 or by_tasks,
+            key,
+            value,
+            "needs evaluations: set train.eval_interval to a positive number of steps",
+        )

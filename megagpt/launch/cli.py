@@ -1,4 +1,4 @@
-"""`megagpt launch local|slurm|sweep|preprocess` and `megagpt sweep-report`."""
+"""`megagpt launch local|slurm|sweep|preprocess`, `megagpt sweep-report` and `megagpt compare`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from pathlib import Path
 
 from megagpt.contract import DEFAULT_COLLECTIVE_TIMEOUT_S
 from megagpt.launch.environment import resume_by_default
+from megagpt.launch.search_cli import add_compare_command, add_search_options
 
 OVERRIDES_HELP = "settings as section.key=value, passed to `megagpt train`"
 
 
 def add_launch_commands(sub) -> None:
-    """Add `launch` (with local, slurm, sweep) and `sweep-report` to the parser `sub`."""
+    """Add `launch` (with local, slurm, sweep), `sweep-report` and `compare` to `sub`."""
     launch = sub.add_parser("launch", help="start training: torchrun here, or a SLURM job")
     actions = launch.add_subparsers(dest="action", required=True)
 
@@ -32,7 +33,9 @@ def add_launch_commands(sub) -> None:
     _add_slurm_options(slurm)
     _add_common(slurm)
 
-    sweep = actions.add_parser("sweep", help="a grid or random search as a SLURM job array")
+    sweep = actions.add_parser(
+        "sweep", help="a grid, random or Optuna search as a SLURM job array (or --local)"
+    )
     sweep.add_argument("--output-dir", required=True, help="the sweep's directory, one run each")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2")
     sweep.add_argument(
@@ -46,14 +49,25 @@ def add_launch_commands(sub) -> None:
     sweep.add_argument("--seed", type=int, default=0, help="seed of the random points")
     sweep.add_argument("--local", action="store_true", help="run the points here, in turn")
     sweep.add_argument("--nproc", type=int, default=1, help="processes per run with --local")
-    sweep.add_argument("--max-parallel", type=int, help="array tasks running at once")
+    sweep.add_argument(
+        "--max-parallel",
+        type=int,
+        help="array tasks running at once (optuna: the number of workers, default --trials)",
+    )
+    add_search_options(sweep)
     _add_slurm_options(sweep)
     _add_common(sweep)
 
     _add_preprocess_parser(actions)
 
-    report = sub.add_parser("sweep-report", help="final validation loss of every sweep run")
+    report = sub.add_parser(
+        "sweep-report", help="every sweep run or trial ranked, and PNG plots of the sweep"
+    )
     report.add_argument("directory", help="the --output-dir of `megagpt launch sweep`")
+    report.add_argument(
+        "--no-plots", action="store_true", help="print the table only; write no PNG files"
+    )
+    add_compare_command(sub)
 
 
 def _add_preprocess_parser(actions) -> None:
@@ -228,9 +242,13 @@ def _slurm(args, output_dir: Path) -> int:
 
 
 def _sweep(args) -> int:
+    from megagpt.launch.search_cli import check_search_options, run_optuna_sweep
     from megagpt.launch.sweep import plan_sweep, run_locally, sweep_points
 
     _at_least_one(max_parallel=args.max_parallel, nproc=args.nproc)
+    check_search_options(args)
+    if args.search == "optuna":
+        return run_optuna_sweep(args, _config_path(args), _slurm_job, _print_or_submit)
     points = sweep_points(args.grid, args.sample, args.random, args.seed)
     write = not args.dry_run
     sweep = plan_sweep(args.output_dir, _config_path(args), args.overrides, points, write)
@@ -288,7 +306,7 @@ def _preprocess(args) -> int:
 
 
 def run_sweep_report(args) -> int:
-    from megagpt.launch.report import collect_results, format_report
+    from megagpt.launch.report import write_report
 
-    sys.stdout.write(format_report(collect_results(args.directory)))
+    sys.stdout.write(write_report(args.directory, plots=not args.no_plots))
     return 0

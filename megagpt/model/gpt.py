@@ -132,8 +132,9 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         examples: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`rope`: the rotary tables; `examples`: the attention mask of packed
-        examples (B, 1, T, T) (see example_mask), or None for causal attention."""
+        """`rope`: the rotary tables; `examples`: an explicit attention mask (B, 1, T, K),
+        True where a query may see a key (packed examples, see example_mask; or the
+        caller's own, over the cached keys and these), or None for causal attention."""
         B, T, _ = x.shape  # with sequence parallelism T is the whole sequence here
         d = self.head_dim
         # Head counts are inferred (-1) so the same code runs on tensor-parallel shards.
@@ -150,15 +151,15 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, D)
 
-        mask, causal = None, True
-        if examples is not None:
-            mask, causal = examples, False
-        elif kv_cache is not None:
+        mask, causal, start = None, True, 0
+        if kv_cache is not None:
             start = kv_cache.length(self.layer_index)
             k, v = kv_cache.append(self.layer_index, k, v)
-            if start > 0:  # new queries see the whole cache and their own causal prefix
-                causal = False
-                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(start)
+        if examples is not None:
+            mask, causal = examples, False
+        elif start > 0:  # new queries see the whole cache and their own causal prefix
+            causal = False
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(start)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -251,6 +252,8 @@ class GPT(nn.Module):
         segments: torch.Tensor | None = None,
         reduction: str = "mean",
         label_positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, T) ids -> logits (B, T, V), or the loss over the targets (B, T)
         that are not IGNORE_INDEX if they are given (their mean, or sum with
@@ -266,6 +269,14 @@ class GPT(nn.Module):
         Classification: with `label_positions` (B,), the token of each row whose final
         hidden state the classification head reads, the result is a pair: what the
         language-model head gives (logits or loss, as above) and the class logits (B, L).
+
+        Scoring and generation (megagpt.harness): `attention_mask` (B, 1, T, K) bool,
+        True where a query may see a key (K: the keys cached before plus these T),
+        replaces the causal mask, e.g. for left-padded prompts or for several
+        continuations sharing one context; `select` (B, T) bool keeps only those
+        positions for the output layer, which then returns logits (N, V) for the N
+        selected positions in row-major order (the output layer is the largest matmul
+        at a large vocabulary; the other positions' logits are never computed).
         """
         if self.embed_tokens is not None:
             h = self.embed_tokens(tokens)  # (B, T, C)
@@ -283,12 +294,16 @@ class GPT(nn.Module):
                 rope = Rotary(self.rope_cos, self.rope_sin, start_pos)
             else:  # packed examples: every row has its own positions
                 rope = Rotary(self.rope_cos[positions], self.rope_sin[positions])
-        examples = example_mask(segments) if segments is not None else None
+        examples = attention_mask
+        if examples is None and segments is not None:
+            examples = example_mask(segments)
         for block in self.layers.values():
             if self.checkpoint_fn is not None and self.training and kv_cache is None:
                 h = self.checkpoint_fn(block, h, rope, None, examples)
             else:
                 h = block(h, rope, kv_cache, examples)
+        if select is not None and self.lm_head is not None:
+            h = h[select]  # (N, C)
         if self.final_norm is not None:
             h = self.final_norm(h)
         classes = None

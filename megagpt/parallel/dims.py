@@ -66,6 +66,10 @@ class ParallelDims:
         tensor-parallel fastest, then data-parallel, then pipeline)."""
         return rank // self.tp % self.dp
 
+    def tp_rank(self, rank: int) -> int:
+        """This rank's index among its tensor-parallel group."""
+        return rank % self.tp
+
     @classmethod
     def from_config(cls, config: Config, world_size: int) -> ParallelDims:
         """The layout for `world_size` processes, or a ConfigError saying what would work."""

@@ -43,6 +43,7 @@ from megagpt.parallel.dims import ParallelDims
 from megagpt.parallel.env import DistributedEnv
 from megagpt.parallel.optimizer import Optimizers, build_optimizer
 from megagpt.parallel.precision import autocast_for, resolve_precision
+from megagpt.parallel.scoring import row_statistics
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -51,12 +52,17 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 class ScaledLoss:
     """The pipeline schedule's loss: a microbatch's summed token loss times `scale`
-    (dp / N, set by the train module before each step; see the module docstring)."""
+    (dp / N, set by the train module before each step; see the module docstring). While
+    `score_rows` is set (evaluation of downstream tasks, see scoring.py) it gives every
+    row's log-likelihood statistics instead."""
 
     def __init__(self):
         self.scale = 1.0
+        self.score_rows = False
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.score_rows:
+            return row_statistics(logits, targets)
         return cross_entropy(logits, targets, reduction="sum") * self.scale
 
 

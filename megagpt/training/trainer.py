@@ -36,6 +36,7 @@ from megagpt.parallel.env import collective_timeout_s
 from megagpt.parallel.memory import log_memory, memory_bytes
 from megagpt.parallel.parallelize import parallelize
 from megagpt.tokenizer import Tokenizer
+from megagpt.training.downstream import DownstreamEvaluator
 from megagpt.training.finetune import (
     apply_init,
     build_run_datasets,
@@ -44,8 +45,10 @@ from megagpt.training.finetune import (
 )
 from megagpt.training.metrics import MetricsSink
 from megagpt.training.outputs import locked_outputs
+from megagpt.training.overfitting import OverfittingControls, gap_text, saves_as_best
 from megagpt.training.preemption import PreemptionHandler
 from megagpt.training.schedule import learning_rate
+from megagpt.training.wandb_logger import wandb_options
 from megagpt.training.watchdog import Watchdog
 from megagpt.utils.allocator import keep_freed_memory
 from megagpt.utils.formatting import format_duration, format_rate
@@ -132,6 +135,9 @@ class Trainer:
                 t.global_batch_size,
                 f"{len(self.datasets.train):,}",
             )
+        # Epochs per dataset, watched metrics: checked before the model is built.
+        self.overfitting = OverfittingControls(config, self.datasets)
+        self.hooks[:0] = self.overfitting.hooks()
         counts = parameter_counts(config.model)
         log.info(
             "model: %s parameters (%s in blocks), %d layers, hidden %d, %d heads",
@@ -141,6 +147,8 @@ class Trainer:
             config.model.hidden_size,
             config.model.n_heads,
         )
+        # Task files are read and encoded before the model is built: bad ones fail first.
+        self.downstream = DownstreamEvaluator(config) if config.eval.tasks else None
         self.module = parallelize(config, env)
         log_memory(
             "at start-up (gradients and optimizer state as they will be)",
@@ -181,7 +189,11 @@ class Trainer:
             save_config(config, self.output_dir / "config.yaml")
         resumed = self.start_step if self.start_step else None
         self.sink = MetricsSink(
-            self.output_dir, env.is_main, config.logging.tensorboard, resume_step=resumed
+            self.output_dir,
+            env.is_main,
+            config.logging.tensorboard,
+            resume_step=resumed,
+            wandb=wandb_options(config) if env.is_main else None,
         )
 
     def _resume(self) -> tuple[int, int]:
@@ -203,6 +215,7 @@ class Trainer:
             return 0, 0
         metadata = self.checkpointer.load(point)
         self.nan_skips = int(metadata.get("nan_skips", 0))
+        self.overfitting.restore(metadata)
         step = int(metadata["step"])
         consumed = int(metadata["consumed_samples"])
         log.info(
@@ -284,21 +297,26 @@ class Trainer:
             log_memory("after the first step", result.memory, self.env.device)
         self.module.zero_grad()
         result.losses.append(loss)
+        self.overfitting.add_train_loss(loss)
         self.window_steps += 1
         is_last = done == t.max_steps
         metrics = self._maybe_evaluate(done, is_last, result)
+        metrics.update(self._maybe_evaluate_tasks(done, is_last, result))
         if (
             metrics
             or done % self.config.logging.log_interval == 0
             or (len(result.losses) == 1 or is_last)
         ):
             self._log(done, loss, lr, grad_norm, metrics)
+        if metrics:
+            self.overfitting.check_metrics(metrics)
         if metrics and self.hooks:
             result.stop_reason = self._ask_hooks(done, metrics)
         interval = self.config.checkpoint.interval
         stopping = result.stop_reason is not None
-        if is_last or stopping or (interval and done % interval == 0):
-            self._save(done, loss, lr)
+        best = saves_as_best(self.checkpointer, self.env, metrics)
+        if is_last or stopping or best or (interval and done % interval == 0):
+            self._save(done, loss, lr, metrics)
         if stopping:
             log.warning("step %d | stopping: %s", done, result.stop_reason)
 
@@ -360,21 +378,43 @@ class Trainer:
             return {}
         if self.config.model.num_labels:
             metrics = self.module.evaluate_classifier(valid)
+            self.overfitting.add_gap(done, metrics)
             result.val_losses[done] = metrics["val_loss"]
             result.val_metrics[done] = metrics
             log.info(
-                "step %d | validation loss %.4f | accuracy %.4f | macro-F1 %.4f",
+                "step %d | validation loss %.4f | accuracy %.4f | macro-F1 %.4f%s",
                 done,
                 metrics["val_loss"],
                 metrics["val_accuracy"],
                 metrics["val_macro_f1"],
+                gap_text(metrics),
             )
             return metrics
         val_loss = self.module.evaluate(valid)
         result.val_losses[done] = val_loss
         val_ppl = math.exp(min(val_loss, 50.0))
-        log.info("step %d | validation loss %.4f | perplexity %.2f", done, val_loss, val_ppl)
-        return {"val_loss": val_loss, "val_ppl": val_ppl}
+        metrics = {"val_loss": val_loss, "val_ppl": val_ppl}
+        self.overfitting.add_gap(done, metrics)
+        log.info(
+            "step %d | validation loss %.4f | perplexity %.2f%s",
+            done,
+            val_loss,
+            val_ppl,
+            gap_text(metrics),
+        )
+        return metrics
+
+    def _maybe_evaluate_tasks(self, done: int, is_last: bool, result: TrainResult) -> dict:
+        """eval.tasks' metrics (eval/<task>/<metric>) when due: every eval.interval steps
+        (default train.eval_interval) and at the end."""
+        interval = self.config.eval.interval
+        if interval is None:
+            interval = self.config.train.eval_interval
+        if self.downstream is None or not interval or not (done % interval == 0 or is_last):
+            return {}
+        metrics = self.downstream.evaluate(self.module)
+        result.val_metrics.setdefault(done, {}).update(metrics)
+        return metrics
 
     def _log(self, done: int, loss: float, lr: float, grad_norm: float, metrics: dict) -> None:
         t, device = self.config.train, self.env.device
@@ -427,7 +467,7 @@ class Trainer:
             self.peak_flops = achieved_flops
         return achieved_flops / self.peak_flops
 
-    def _save(self, done: int, loss: float, lr: float) -> None:
+    def _save(self, done: int, loss: float, lr: float, metrics: dict | None = None) -> None:
         t, p, dims = self.config.train, self.config.parallel, self.module.dims
         consumed = self.sample_offset + done * t.global_batch_size
         layout = {
@@ -447,6 +487,8 @@ class Trainer:
                 "world_size": self.env.world_size,
                 "layout": layout,
                 "nan_skips": self.nan_skips,
+                **({"metrics": dict(metrics)} if metrics else {}),  # for checkpoint.keep_best
+                **self.overfitting.state(),  # the gap's window, early stopping's record
             },
         )
 
