@@ -17,12 +17,10 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megagpt.checkpoint import Checkpointer
 from megagpt.config import Config, ConfigError, save_config
@@ -36,7 +34,7 @@ from megagpt.parallel.env import collective_timeout_s
 from megagpt.parallel.memory import log_memory, memory_bytes
 from megagpt.parallel.parallelize import parallelize
 from megagpt.tokenizer import Tokenizer
-from megagpt.training.downstream import DownstreamEvaluator
+from megagpt.training.evaluation import EvaluationHook, Evaluations, TrainResult
 from megagpt.training.finetune import (
     apply_init,
     build_run_datasets,
@@ -45,7 +43,7 @@ from megagpt.training.finetune import (
 )
 from megagpt.training.metrics import MetricsSink
 from megagpt.training.outputs import locked_outputs
-from megagpt.training.overfitting import OverfittingControls, gap_text, saves_as_best
+from megagpt.training.overfitting import OverfittingControls, saves_as_best
 from megagpt.training.preemption import PreemptionHandler
 from megagpt.training.schedule import learning_rate
 from megagpt.training.wandb_logger import wandb_options
@@ -60,37 +58,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(MegagptError):
     """The loss or gradient norm became NaN or infinite; nothing was saved from it."""
-
-
-@dataclass
-class TrainResult:
-    losses: list[float] = field(default_factory=list)
-    """Global-batch loss of every step this run took, in order."""
-    val_losses: dict[int, float] = field(default_factory=dict)
-    """Validation loss by step."""
-    checkpoint: Path | None = None
-    """Directory of the last checkpoint written."""
-    memory: dict[str, int] = field(default_factory=dict)
-    """This rank's parameter, gradient and optimizer-state bytes after the first step."""
-    start_step: int = 0
-    """The step this run started from (non-zero after a resume)."""
-    preempted: bool = False
-    """The run stopped early on SIGUSR1/SIGTERM or Ctrl-C, after saving a checkpoint."""
-    stop_signal: str | None = None
-    """The signal that stopped it early (SIGUSR1, SIGTERM, SIGINT), if any."""
-    val_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
-    """Every validation metric by step (classification: loss, accuracy, macro-F1)."""
-    skipped_steps: list[int] = field(default_factory=list)
-    stop_reason: str | None = None
-    """Why an evaluation hook stopped the run early (see EvaluationHook), if one did."""
-    """Steps whose loss or gradient norm was not finite, skipped without an update."""
-
-
-EvaluationHook = Callable[[int, dict[str, float]], "str | None"]
-"""Called on the main rank after every evaluation with the step and its metrics (the
-ones logged: val_loss, ...). A returned string stops the run after this step, with a
-checkpoint, and is logged and kept as TrainResult.stop_reason (early stopping, a
-search's pruning)."""
 
 
 def train(config: Config, hooks: Sequence[EvaluationHook] = ()) -> TrainResult:
@@ -120,7 +87,7 @@ def exit_code(result: TrainResult) -> int:
 
 class Trainer:
     def __init__(self, config: Config, env, hooks: Sequence[EvaluationHook] = ()):
-        self.config, self.env, self.hooks = config, env, list(hooks)
+        self.config, self.env = config, env
         t, device = config.train, env.device
         self.output_dir = Path(t.output_dir)  # created and locked by locked_outputs
         if device.type == "cpu":
@@ -137,7 +104,10 @@ class Trainer:
             )
         # Epochs per dataset, watched metrics: checked before the model is built.
         self.overfitting = OverfittingControls(config, self.datasets)
-        self.hooks[:0] = self.overfitting.hooks()
+        # Task files are read and encoded before the model is built: bad ones fail first.
+        self.evaluations = Evaluations(
+            config, env, self.datasets, [*self.overfitting.hooks(), *hooks], self.overfitting
+        )
         counts = parameter_counts(config.model)
         log.info(
             "model: %s parameters (%s in blocks), %d layers, hidden %d, %d heads",
@@ -147,8 +117,6 @@ class Trainer:
             config.model.hidden_size,
             config.model.n_heads,
         )
-        # Task files are read and encoded before the model is built: bad ones fail first.
-        self.downstream = DownstreamEvaluator(config) if config.eval.tasks else None
         self.module = parallelize(config, env)
         log_memory(
             "at start-up (gradients and optimizer state as they will be)",
@@ -300,8 +268,7 @@ class Trainer:
         self.overfitting.add_train_loss(loss)
         self.window_steps += 1
         is_last = done == t.max_steps
-        metrics = self._maybe_evaluate(done, is_last, result)
-        metrics.update(self._maybe_evaluate_tasks(done, is_last, result))
+        metrics = self.evaluations.at_step(self.module, done, is_last, result)
         if (
             metrics
             or done % self.config.logging.log_interval == 0
@@ -310,8 +277,8 @@ class Trainer:
             self._log(done, loss, lr, grad_norm, metrics)
         if metrics:
             self.overfitting.check_metrics(metrics)
-        if metrics and self.hooks:
-            result.stop_reason = self._ask_hooks(done, metrics)
+        if metrics:
+            result.stop_reason = self.evaluations.ask_hooks(done, metrics)
         interval = self.config.checkpoint.interval
         stopping = result.stop_reason is not None
         best = saves_as_best(self.checkpointer, self.env, metrics)
@@ -319,21 +286,6 @@ class Trainer:
             self._save(done, loss, lr, metrics)
         if stopping:
             log.warning("step %d | stopping: %s", done, result.stop_reason)
-
-    def _ask_hooks(self, done: int, metrics: dict[str, float]) -> str | None:
-        """The first reason a hook gives to stop, decided on the main rank and sent to
-        every rank, so that all of them stop together."""
-        reason = None
-        if self.env.is_main:
-            for hook in self.hooks:
-                reason = hook(done, metrics)
-                if reason:
-                    break
-        if self.env.world_size > 1:
-            box = [reason]
-            dist.broadcast_object_list(box, src=0)
-            reason = box[0]
-        return reason or None
 
     def _step(self, step: int, lr: float) -> tuple[float, float] | None:
         """One optimizer step; (loss, grad norm), or None if it was skipped as non-finite."""
@@ -371,50 +323,6 @@ class Trainer:
         self.checkpointer.before_update()  # a save may still be reading the weights
         module.optimizer_step(lr)
         return loss, grad_norm
-
-    def _maybe_evaluate(self, done: int, is_last: bool, result: TrainResult) -> dict:
-        t, valid = self.config.train, self.datasets.valid
-        if not (t.eval_interval and valid and (done % t.eval_interval == 0 or is_last)):
-            return {}
-        if self.config.model.num_labels:
-            metrics = self.module.evaluate_classifier(valid)
-            self.overfitting.add_gap(done, metrics)
-            result.val_losses[done] = metrics["val_loss"]
-            result.val_metrics[done] = metrics
-            log.info(
-                "step %d | validation loss %.4f | accuracy %.4f | macro-F1 %.4f%s",
-                done,
-                metrics["val_loss"],
-                metrics["val_accuracy"],
-                metrics["val_macro_f1"],
-                gap_text(metrics),
-            )
-            return metrics
-        val_loss = self.module.evaluate(valid)
-        result.val_losses[done] = val_loss
-        val_ppl = math.exp(min(val_loss, 50.0))
-        metrics = {"val_loss": val_loss, "val_ppl": val_ppl}
-        self.overfitting.add_gap(done, metrics)
-        log.info(
-            "step %d | validation loss %.4f | perplexity %.2f%s",
-            done,
-            val_loss,
-            val_ppl,
-            gap_text(metrics),
-        )
-        return metrics
-
-    def _maybe_evaluate_tasks(self, done: int, is_last: bool, result: TrainResult) -> dict:
-        """eval.tasks' metrics (eval/<task>/<metric>) when due: every eval.interval steps
-        (default train.eval_interval) and at the end."""
-        interval = self.config.eval.interval
-        if interval is None:
-            interval = self.config.train.eval_interval
-        if self.downstream is None or not interval or not (done % interval == 0 or is_last):
-            return {}
-        metrics = self.downstream.evaluate(self.module)
-        result.val_metrics.setdefault(done, {}).update(metrics)
-        return metrics
 
     def _log(self, done: int, loss: float, lr: float, grad_norm: float, metrics: dict) -> None:
         t, device = self.config.train, self.env.device
