@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,16 @@ def test_compare_reads_best_final_tokens_tasks_and_wall_time(tmp_path):
         summarize_runs([tmp_path / "missing"])
 
 
+def settled_history(run_file, rows: int) -> list[dict]:
+    """wandb_history once it holds `rows` rows: W&B's service process can still be
+    writing the file when run.finish() returns on a loaded machine (seen once in CI);
+    waits up to a minute, then returns what there is."""
+    deadline = time.monotonic() + 60
+    while len(found := wandb_history(run_file)) < rows and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
 def wandb_history(run_file) -> list[dict]:
     """The history rows of a W&B run file (a LevelDB-style log of protobuf records)."""
     from wandb.proto import wandb_internal_pb2
@@ -327,7 +338,7 @@ def test_wandb_offline_logs_every_metric_and_a_resume_continues_its_run(
     first = train(load_config(None, [*overrides, "train.max_steps=4"]))
     run_id = (out / "wandb" / "run_id").read_text().strip()
     (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
-    rows = wandb_history(Path(run_file))
+    rows = settled_history(Path(run_file), 4)
     assert [row["_step"] for row in rows] == [1, 2, 3, 4]
     assert [row["loss"] for row in rows] == first.losses
     assert {r["_step"]: r["val_loss"] for r in rows if "val_loss" in r} == first.val_losses
@@ -335,7 +346,8 @@ def test_wandb_offline_logs_every_metric_and_a_resume_continues_its_run(
     assert (out / "wandb" / "run_id").read_text().strip() == run_id
     files = sorted(glob.glob(str(out / "wandb" / "offline-run-*" / f"run-{run_id}.wandb")))
     assert len(files) == 2  # one file per process, both of the same W&B run
-    steps = {row["_step"] for file in files for row in wandb_history(Path(file))}
+    steps = {row["_step"] for row in wandb_history(Path(files[0]))}
+    steps |= {row["_step"] for row in settled_history(Path(files[1]), 2)}
     assert steps == {1, 2, 3, 4, 5, 6}
     with pytest.raises(ConfigError, match="logging.wandb_project = ''"):
         load_config(None, ["logging.wandb=true", "logging.wandb_project="])
