@@ -1,5 +1,5 @@
 """The `megagpt` command: train, finetune, generate, chat, eval, demo, config, launch,
-sweep-report, compare."""
+sweep-report, compare, plan."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from megagpt.classify_cli import add_classify_command, run_classify
 from megagpt.errors import report_user_errors
 from megagpt.launch.cli import add_launch_commands, run_launch, run_sweep_report
 from megagpt.launch.search_cli import run_compare
+from megagpt.plan_cli import add_plan_command, run_plan
 
 OVERRIDES_HELP = "settings as section.key=value (e.g. optim.lr=3e-4 model.n_layers=4)"
 FIELDS_HINT = "Every setting, its type, default and meaning: megagpt config fields"
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export,
         _add_import,
         _add_checkpoint,
+        add_plan_command,
     ):
         add(sub)
     add_launch_commands(sub)
@@ -450,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "launch": run_launch,
         "sweep-report": run_sweep_report,
         "compare": run_compare,
+        "plan": run_plan,
     }
     # Ctrl-C in training saves a checkpoint first; a second one, or one elsewhere, ends here.
     return report_user_errors(f"megagpt {args.command}", lambda: handlers[args.command](args))

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("megagpt.data", "megagpt.tokenizer", "megagpt.demo_corpus")),
     ("parallel", ("megagpt.parallel",)),
     ("checkpoint", ("megagpt.checkpoint",)),
+    ("planning", ("megagpt.planning",)),
     (
         "training",
         (
@@ -40,7 +41,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("launch", ("megagpt.launch",)),
-    ("cli", ("megagpt.cli", "megagpt.classify_cli", "megagpt.demo", "megagpt.__main__")),
+    (
+        "cli",
+        (
+            "megagpt.cli",
+            "megagpt.classify_cli",
+            "megagpt.plan_cli",
+            "megagpt.demo",
+            "megagpt.__main__",
+        ),
+    ),
 ]
 """Each layer and the module prefixes it holds (the longest matching prefix wins)."""
 

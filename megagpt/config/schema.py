@@ -283,6 +283,10 @@ class TrainConfig:
     """Seconds a collective may block before the process group fails; None takes
     MEGAGPT_COLLECTIVE_TIMEOUT_S (set by megagpt launch) or 600."""
 
+    memory_check: bool = True
+    """Refuse at start-up, before allocating, a layout that `megagpt plan` predicts will
+    not fit in the device's memory (naming layouts that would); false starts anyway."""
+
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Stop the run when a validation metric stops improving (off by default)."""
 

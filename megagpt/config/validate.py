@@ -211,8 +211,10 @@ def validate_parallel(config: Config) -> None:
         (m.kv_heads, f"the key/value heads ({m.kv_heads})"),
         (m.mlp_width, f"the MLP width ({m.mlp_width})"),
     ):
+        if count % tp == 0:
+            continue  # (the hint below lists divisors: only worth computing on failure)
         _check(
-            count % tp == 0,
+            False,
             "parallel.tensor_parallel_size",
             tp,
             f"must divide {what}; sizes that do: {_divisors_near(count, tp)}",

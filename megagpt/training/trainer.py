@@ -33,6 +33,7 @@ from megagpt.parallel.batches import dropout_seed, microbatch_indices, step_batc
 from megagpt.parallel.env import collective_timeout_s
 from megagpt.parallel.memory import log_memory, memory_bytes
 from megagpt.parallel.parallelize import parallelize
+from megagpt.planning.startup import startup_plan
 from megagpt.tokenizer import Tokenizer
 from megagpt.training.evaluation import EvaluationHook, Evaluations, TrainResult
 from megagpt.training.finetune import (
@@ -117,6 +118,7 @@ class Trainer:
             config.model.hidden_size,
             config.model.n_heads,
         )
+        self.plan = startup_plan(config, env.world_size, env.device)
         self.module = parallelize(config, env)
         log_memory(
             "at start-up (gradients and optimizer state as they will be)",
@@ -263,6 +265,10 @@ class Trainer:
         if not result.memory:
             result.memory = memory_bytes(self.module)
             log_memory("after the first step", result.memory, self.env.device)
+            if self.plan is not None:
+                pp_rank = self.env.rank // (self.module.dims.tp * self.module.dims.dp)
+                planned = self.plan.memory[pp_rank]
+                log_memory("as planned", {k: planned[k] for k in result.memory})
         self.module.zero_grad()
         result.losses.append(loss)
         self.overfitting.add_train_loss(loss)

@@ -1,0 +1,116 @@
+"""`megagpt plan`: per-GPU memory and step time of a model on a cluster, for one layout
+or, ranked, for every layout that fits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from megagpt.config import ConfigError, load_config
+from megagpt.data.settings import check_data_config
+from megagpt.planning.hardware import find_accelerator, load_accelerators
+from megagpt.planning.layouts import Layout, apply_layout, parse_layout
+from megagpt.planning.plan import Plan, plan_layout, search
+
+GIB = 2**30
+MEMORY_PARTS = ("parameters", "gradients", "optimizer_state", "activations", "buffers", "margin")
+
+
+def add_plan_command(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="predict per-GPU memory and step time of a model on a cluster layout",
+        description="Without --layout, every layout of --gpus that fits, fastest first.",
+    )
+    p.add_argument("--config", required=True, help="YAML file or preset (gpt3-13b)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    p.add_argument("--gpu", default="h100-80gb", help="accelerator name (see --list-gpus)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument(
+        "--layout", help="tp=2,pp=4,vp=2,dp=8,zero=1,ac=selective,mbs=1,sp=1,schedule=1f1b"
+    )
+    p.add_argument("--hardware", help="YAML file adding or replacing accelerators")
+    p.add_argument("--top", type=int, default=10, help="layouts shown when searching")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("overrides", nargs="*", help="settings as section.key=value")
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.2f}"
+
+
+def _describe(plan: Plan) -> list[str]:
+    lines = [f"layout {plan.layout}: " + ("fits" if plan.fits else "DOES NOT FIT")]
+    lines.append("  memory per GPU (GiB): pipeline rank  " + "  ".join(MEMORY_PARTS) + "  total")
+    for rank, memory in enumerate(plan.memory):
+        parts = "  ".join(_gib(memory[k]) for k in MEMORY_PARTS)
+        lines.append(f"    {rank:>3}  {parts}  {_gib(memory['total'])}")
+    lines.append(f"  capacity {_gib(plan.capacity)} GiB")
+    t = plan.time
+    lines.append(
+        "  step {step_s:.3f} s = compute {compute_s:.3f} + tensor {tensor_parallel_s:.3f} "
+        "+ pipeline p2p {pipeline_p2p_s:.3f} + bubble {bubble_s:.3f} + data (exposed) "
+        "{data_parallel_exposed_s:.3f} of {data_parallel_s:.3f} "
+        "+ optimizer {optimizer_s:.4f}".format(**t)
+    )
+    lines.append(f"  {t['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU {t['mfu']:.1%}")
+    lines += [f"  ({note})" for note in plan.notes]
+    return lines
+
+
+def _train_command(config_name: str, layout: Layout, overrides: list[str], gpus_per_node: int):
+    settings = [
+        f"parallel.tensor_parallel_size={layout.tp}",
+        f"parallel.pipeline_parallel_size={layout.pp}",
+        f"parallel.zero_stage={layout.zero}",
+        f"parallel.activation_checkpointing={layout.ac}",
+        f"train.micro_batch_size={layout.mbs}",
+    ]
+    if layout.sp:
+        settings.append("parallel.sequence_parallel=true")
+    if layout.pp > 1:
+        settings.append(f"parallel.pipeline_schedule={layout.schedule}")
+        settings.append(f"parallel.virtual_stages={layout.vp}")
+    nodes = math.ceil(layout.world_size / gpus_per_node)
+    per_node = min(layout.world_size, gpus_per_node)
+    return (
+        f"megagpt launch slurm --nodes {nodes} --gpus-per-node {per_node} "
+        f"--config {config_name} {' '.join([*overrides, *settings])}"
+    )
+
+
+def run_plan(args) -> int:
+    config = load_config(args.config, args.overrides)
+    check_data_config(config.data)
+    gpu = find_accelerator(args.gpu, load_accelerators(args.hardware))
+    if args.gpus < 1 or args.gpus_per_node < 1:
+        raise ConfigError("--gpus and --gpus-per-node must be at least 1")
+    if args.layout:
+        layout = parse_layout(args.layout, args.gpus)
+        apply_layout(config, layout)  # a clear error for a layout megagpt would refuse
+        plans = [plan_layout(config, layout, gpu, args.gpus_per_node)]
+    else:
+        plans = search(config, args.gpus, gpu, args.gpus_per_node)[: args.top]
+    if args.json:
+        print(json.dumps([plan.to_dict() for plan in plans], indent=2))
+        return 0 if plans and plans[0].fits else 1
+    if not plans:
+        print(
+            f"no layout of {args.gpus} x {gpu.name} fits {args.config}: add GPUs, "
+            "shorten data.seq_len or lower train.global_batch_size"
+        )
+        return 1
+    if not args.layout:
+        print(f"{len(plans)} fastest layouts of {args.gpus} x {gpu.name} that fit, best first:")
+        for plan in plans:
+            print(
+                f"  {plan.time['step_s']:8.3f} s/step  {plan.time['mfu']:6.1%} MFU  "
+                f"peak {_gib(plan.peak)} GiB  {plan.layout}"
+            )
+        print()
+    print("\n".join(_describe(plans[0])))
+    print(
+        "\ntrain it with:\n  "
+        + _train_command(args.config, plans[0].layout, args.overrides, args.gpus_per_node)
+    )
+    return 0 if plans[0].fits else 1

@@ -1,0 +1,123 @@
+"""Accelerators and interconnects the planner knows, extendable by a user YAML file.
+
+Peak numbers are the vendors' dense data-sheet figures (no sparsity). `achievable` is
+the fraction of the bf16 peak that large GEMMs reach in practice on that part (a
+planning assumption, stated with every plan; calibrate it on the machine at hand with
+`megagpt plan --measure-matmul`). Bandwidths are per GPU, one direction, in GB/s:
+`intra_node` between GPUs of a node (NVLink/xGMI/PCIe), `inter_node` out of the node
+(the GPU's share of the network: 400 Gb/s InfiniBand per GPU = 50 GB/s).
+
+A user file adds or replaces entries:
+
+    my-gpu:
+      memory_gib: 94
+      bf16_tflops: 989
+      fp8_tflops: 1979
+      memory_bandwidth_gbps: 3900
+      intra_node_gbps: 450
+      inter_node_gbps: 50
+      achievable: 0.6
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from megagpt.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    memory_gib: float
+    """What the framework can allocate (torch's total_memory), not the marketing GB."""
+    bf16_tflops: float
+    """Dense peak for the precision training runs in (fp16 on parts without bf16)."""
+    fp8_tflops: float
+    """0 where the part has no FP8 matmuls."""
+    memory_bandwidth_gbps: float
+    intra_node_gbps: float
+    inter_node_gbps: float
+    achievable: float = 0.6
+    note: str = ""
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+
+ACCELERATORS: dict[str, Accelerator] = {
+    a.name: a
+    for a in (
+        Accelerator("h100-80gb", 79.1, 989, 1979, 3350, 450, 50, 0.65, "SXM5, NVLink 4"),
+        Accelerator("h100-pcie", 79.1, 756, 1513, 2000, 64, 50, 0.6, "PCIe gen5, no NVLink"),
+        Accelerator("h200-141gb", 139.8, 989, 1979, 4800, 450, 50, 0.65, "SXM, NVLink 4"),
+        Accelerator("b200-180gb", 178.4, 2250, 4500, 8000, 900, 100, 0.6, "NVLink 5"),
+        Accelerator("a100-80gb", 79.2, 312, 0, 2039, 300, 25, 0.75, "SXM4, NVLink 3"),
+        Accelerator("a100-40gb", 39.4, 312, 0, 1555, 300, 25, 0.75, "SXM4, NVLink 3"),
+        Accelerator("v100-32gb", 31.7, 125, 0, 900, 150, 12.5, 0.7, "no bf16: fp16 tensor cores"),
+        Accelerator("l40s-48gb", 44.4, 362, 733, 864, 32, 25, 0.6, "PCIe gen4, no NVLink"),
+        Accelerator("mi300x-192gb", 191.5, 1307, 2615, 5300, 448, 50, 0.5, "Infinity Fabric"),
+    )
+}
+
+
+def load_accelerators(path: str | Path | None = None) -> dict[str, Accelerator]:
+    """The built-in table, with the entries of a user YAML file added or replaced."""
+    table = dict(ACCELERATORS)
+    if path is None:
+        return table
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the accelerator table: {err}") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: must map accelerator names to their numbers")
+    fields = {f.name for f in dataclasses.fields(Accelerator)} - {"name"}
+    required = {f.name for f in dataclasses.fields(Accelerator) if f.default is dataclasses.MISSING}
+    for name, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: entry {name!r} must be a mapping of numbers")
+        unknown = set(values) - fields
+        if unknown:
+            raise ConfigError(
+                f"{path}: entry {name!r} has unknown keys {sorted(unknown)}; "
+                f"known: {sorted(fields)}"
+            )
+        base = dataclasses.asdict(table[name]) if name in table else {}
+        merged = {**base, **values, "name": str(name)}
+        missing = required - set(merged)
+        if missing:
+            raise ConfigError(f"{path}: entry {name!r} lacks {sorted(missing)}")
+        table[str(name)] = Accelerator(**merged)
+    return table
+
+
+def find_accelerator(name: str, table: dict[str, Accelerator]) -> Accelerator:
+    if name not in table:
+        raise ConfigError(
+            f"--gpu {name!r} is not in the accelerator table; known: {', '.join(sorted(table))} "
+            "(add one with --hardware FILE, see megagpt/planning/hardware.py)"
+        )
+    return table[name]
+
+
+def cpu_accelerator(memory_gib: float, matmul_tflops: float, ranks: int) -> Accelerator:
+    """This machine's CPU as the 'accelerator' of `ranks` processes sharing it: its
+    memory and measured matmul rate divided among them; gloo over shared memory."""
+    return Accelerator(
+        "cpu",
+        memory_gib / ranks,
+        matmul_tflops,
+        0,
+        10,
+        2,
+        2,
+        1.0,
+        "this machine, measured",
+    )

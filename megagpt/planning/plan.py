@@ -1,0 +1,122 @@
+"""A plan: per-GPU memory and step time of a layout, and the search over layouts.
+
+Memory per pipeline rank (the ranks of a stage are alike up to FSDP2's uneven last
+chunk; rank 0's, the largest, is shown): model states and activations (memory.py),
+plus what exists only during a step: `buffers` = ZeRO's gathered parameters and
+unsharded gradients (stages 1-2 hold the stage's parameters whole from forward to
+backward, stage 1 its gradients too; stage 3 two blocks at a time), the bf16 weight
+copies autocast makes, and two blocks' worth of collective buffers; then a margin
+for the allocator's fragmentation and the CUDA/NCCL context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megagpt.config import Config
+from megagpt.planning.calibrate import calibrate
+from megagpt.planning.hardware import Accelerator
+from megagpt.planning.layouts import Layout, apply_layout, candidate_layouts
+from megagpt.planning.memory import (
+    Calibration,
+    activation_bytes,
+    model_state_bytes,
+    unsharded_stage_bytes,
+)
+from megagpt.planning.step_time import ACTIVATION_BYTES, step_time
+
+CONTEXT_BYTES = 2**30  # CUDA context, NCCL and cuBLAS workspaces: about 1 GiB per GPU
+MARGIN = 0.05  # of the rest: the caching allocator's fragmentation
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    memory: list[dict[str, int]]  # per pipeline rank
+    time: dict[str, float]
+    capacity: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(rank["total"] for rank in self.memory)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.capacity
+
+    def to_dict(self) -> dict:
+        return {
+            "layout": str(self.layout),
+            "fits": self.fits,
+            "peak_bytes": self.peak,
+            "capacity_bytes": self.capacity,
+            "memory_per_pipeline_rank": self.memory,
+            "time": self.time,
+            "notes": self.notes,
+        }
+
+
+def _buffers(config: Config, layout: Layout, pp_rank: int, precision: str) -> int:
+    whole = unsharded_stage_bytes(config, layout, pp_rank)
+    layers = max(1, config.model.n_layers // (layout.pp * layout.vp)) * layout.vp
+    block = whole / layers
+    gathered = 0.0
+    if layout.zero in (1, 2):
+        gathered = whole
+    elif layout.zero == 3:
+        gathered = 2 * block
+    unsharded_grads = whole if layout.zero == 1 else (2 * block if layout.zero >= 2 else 0)
+    weight_copies = 0.0 if precision == "fp32" else whole / 2  # bf16 copies of fp32 weights
+    collectives = 2 * block if layout.dp > 1 else 0.0
+    return int(gathered + unsharded_grads + weight_copies + collectives)
+
+
+def plan_layout(
+    config: Config,
+    layout: Layout,
+    gpu: Accelerator,
+    gpus_per_node: int,
+    calibrations: dict[str, Calibration] | None = None,
+    matmul_tflops: float | None = None,
+    context_bytes: int = CONTEXT_BYTES,
+) -> Plan:
+    config = apply_layout(config, layout)
+    precision = "bf16" if config.train.precision == "auto" else config.train.precision
+    calibrations = calibrations or calibrate(config.model, precision)
+    memory = []
+    for pp_rank in range(layout.pp):
+        rank = model_state_bytes(config, layout, pp_rank)
+        rank["activations"] = activation_bytes(config, layout, calibrations[layout.ac], pp_rank)
+        rank["buffers"] = _buffers(config, layout, pp_rank, precision)
+        subtotal = sum(rank.values())
+        rank["margin"] = int(MARGIN * subtotal) + context_bytes
+        rank["total"] = subtotal + rank["margin"]
+        memory.append(rank)
+    notes = [
+        f"compute at {matmul_tflops or gpu.bf16_tflops * gpu.achievable:.3g} TFLOP/s "
+        + ("(measured)" if matmul_tflops else f"({gpu.achievable:.0%} of {gpu.name}'s peak)"),
+        f"activations {ACTIVATION_BYTES[config.train.precision]}-byte, calibrated on megagpt's "
+        "GPT (planning/calibrate.py)",
+    ]
+    time = step_time(config, layout, gpu, gpus_per_node, matmul_tflops)
+    return Plan(layout, memory, time, gpu.memory_bytes, notes)
+
+
+def search(
+    config: Config,
+    world_size: int,
+    gpu: Accelerator,
+    gpus_per_node: int,
+    matmul_tflops: float | None = None,
+    context_bytes: int = CONTEXT_BYTES,
+) -> list[Plan]:
+    """Every layout that fits, fastest first (ties: less memory)."""
+    precision = "bf16" if config.train.precision == "auto" else config.train.precision
+    calibrations = calibrate(config.model, precision)
+    plans = [
+        plan_layout(config, layout, gpu, gpus_per_node, calibrations, matmul_tflops, context_bytes)
+        for layout in candidate_layouts(config, world_size, gpus_per_node)
+    ]
+    fitting = [plan for plan in plans if plan.fits]
+    return sorted(fitting, key=lambda plan: (plan.time["step_s"], plan.peak))

@@ -1,0 +1,238 @@
+"""megagpt plan: layouts, the accelerator table, the search, the CLI, the start-up check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megagpt.cli import main
+from megagpt.config import ConfigError, load_config
+from megagpt.model.build import build_model
+from megagpt.planning.calibrate import calibrate
+from megagpt.planning.hardware import find_accelerator, load_accelerators
+from megagpt.planning.layouts import Layout, apply_layout, parse_layout
+from megagpt.planning.memory import _remember, in_flight, model_state_bytes, parameter_shapes
+from megagpt.planning.plan import plan_layout, search
+from megagpt.planning.startup import startup_plan
+
+
+def test_parameter_shapes_are_the_models():
+    cfg = load_config("tiny").model
+    model = build_model(cfg)
+    assert dict(parameter_shapes(_remember(cfg))) == {
+        name: tuple(p.shape) for name, p in model.named_parameters()
+    }
+    total = sum(p.numel() for p in model.parameters())
+    states = model_state_bytes(load_config("tiny"), Layout(), 0)
+    assert states == {
+        "parameters": 4 * total,
+        "gradients": 4 * total,
+        "optimizer_state": 8 * total,
+    }
+
+
+def test_layout_strings():
+    layout = parse_layout("tp=2,pp=4,vp=2,zero=1,ac=selective,mbs=2", 64)
+    assert (layout.tp, layout.pp, layout.vp, layout.dp, layout.zero) == (2, 4, 2, 8, 1)
+    assert layout.schedule == "interleaved_1f1b" and layout.ac == "selective"
+    assert parse_layout(str(layout), 64) == layout
+    for text, words in (
+        ("tp=3", "does not divide --gpus 64"),
+        ("tp=2,dp=2", "uses 4 GPUs, but --gpus is 64"),
+        ("tp=two", "must be an integer"),
+        ("ac=some", "use one of none, selective, full"),
+        ("cp=2", "no context parallelism"),
+        ("colour=blue", "expected key=value"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            parse_layout(text, 64)
+
+
+def test_layouts_megagpt_refuses_are_refused_with_its_message():
+    config = load_config("gpt3-13b")
+    with pytest.raises(ConfigError, match="must divide model.n_heads"):
+        apply_layout(config, Layout(tp=16, dp=4))
+
+
+def test_pipeline_ranks_hold_the_microbatches_of_their_schedule():
+    assert [in_flight(Layout(pp=4, dp=1), r, 8) for r in range(4)] == [4, 3, 2, 1]
+    assert in_flight(Layout(pp=4, schedule="gpipe"), 2, 8) == 8
+    interleaved = Layout(pp=2, vp=2, schedule="interleaved_1f1b")
+    assert [in_flight(interleaved, r, 4) for r in range(2)] == [5, 3]
+
+
+def test_accelerator_table_and_user_file(tmp_path):
+    table = load_accelerators()
+    assert find_accelerator("h100-80gb", table).bf16_tflops == 989
+    extra = tmp_path / "gpus.yaml"
+    extra.write_text(
+        "my-gpu:\n  memory_gib: 24\n  bf16_tflops: 100\n  fp8_tflops: 0\n"
+        "  memory_bandwidth_gbps: 900\n  intra_node_gbps: 32\n  inter_node_gbps: 12.5\n"
+        "h100-80gb:\n  achievable: 0.5\n"
+    )
+    table = load_accelerators(extra)
+    assert table["my-gpu"].memory_gib == 24 and table["h100-80gb"].achievable == 0.5
+    assert table["h100-80gb"].bf16_tflops == 989
+    extra.write_text("bad-gpu:\n  memory_gib: 24\n  speed: 3\n")
+    with pytest.raises(ConfigError, match=r"gpus.yaml: entry 'bad-gpu' has unknown keys"):
+        load_accelerators(extra)
+    with pytest.raises(ConfigError, match="not in the accelerator table; known: a100-40gb"):
+        find_accelerator("tpu", table)
+
+
+def test_checkpointing_saves_activations_in_the_documented_order():
+    calibrations = calibrate(load_config("tiny").model, "bf16")
+    per_layer = {mode: sum(c.layer.values()) for mode, c in calibrations.items()}
+    assert per_layer["full"] < per_layer["selective"] < per_layer["none"]
+    # full keeps one block input: hidden size x 2 bytes per token in bf16
+    assert per_layer["full"] == 2 * 192
+
+
+def test_search_ranks_fitting_layouts_fastest_first():
+    config = load_config("gpt3-1.3b")
+    gpu = find_accelerator("a100-40gb", load_accelerators())
+    plans = search(config, 8, gpu, 8)
+    assert plans and all(plan.fits for plan in plans)
+    steps = [plan.time["step_s"] for plan in plans]
+    assert steps == sorted(steps)
+    # a layout it does not list because it does not fit
+    lone = plan_layout(config, Layout(dp=8, mbs=16), gpu, 8)
+    assert not lone.fits and lone.peak > gpu.memory_bytes
+    assert str(lone.layout) not in {str(plan.layout) for plan in plans}
+
+
+def test_plan_command_json(capsys):
+    code = main(
+        [
+            "plan",
+            "--config",
+            "gpt3-13b",
+            "--gpus",
+            "64",
+            "--layout",
+            "tp=8,pp=2,zero=1,sp=1",
+            "--json",
+        ]
+    )
+    (plan,) = json.loads(capsys.readouterr().out)
+    assert code == 0 and plan["fits"]
+    assert len(plan["memory_per_pipeline_rank"]) == 2
+    parts = plan["time"]
+    assert parts["step_s"] == pytest.approx(
+        parts["compute_s"]
+        + parts["tensor_parallel_s"]
+        + parts["pipeline_p2p_s"]
+        + parts["data_parallel_exposed_s"]
+        + parts["bubble_s"]
+        + parts["optimizer_s"]
+    )
+    assert 0 < parts["mfu"] < 1
+
+
+def test_plan_command_names_what_would_work(capsys):
+    assert main(["plan", "--config", "gpt3-13b", "--gpus", "64", "--layout", "tp=3"]) == 2
+    assert "does not divide --gpus 64" in capsys.readouterr().err
+
+
+def test_train_refuses_a_layout_that_cannot_fit_before_allocating():
+    import torch
+
+    huge = load_config("tiny", ["model.n_layers=64", "model.hidden_size=8192", "model.n_heads=64"])
+    with pytest.raises(ConfigError, match="needs about .* GiB per rank .* no layout"):
+        startup_plan(huge, 1, torch.device("cpu"))
+    unchecked = load_config(
+        "tiny",
+        [
+            "model.n_layers=64",
+            "model.hidden_size=8192",
+            "model.n_heads=64",
+            "train.memory_check=false",
+        ],
+    )
+    assert not startup_plan(unchecked, 1, torch.device("cpu")).fits
+
+
+PIPELINE = {"model.n_layers": 4, "train.micro_batch_size": 2}  # 4 microbatches
+MEASURED_LAYOUTS = [
+    ({}, 1),
+    ({"parallel.activation_checkpointing": "selective"}, 1),
+    ({"parallel.activation_checkpointing": "full"}, 1),
+    ({"parallel.tensor_parallel_size": 2}, 2),
+    ({"parallel.tensor_parallel_size": 2, "parallel.sequence_parallel": True}, 2),
+    ({"parallel.tensor_parallel_size": 2, "parallel.activation_checkpointing": "selective"}, 2),
+    (
+        {
+            "parallel.tensor_parallel_size": 2,
+            "parallel.sequence_parallel": True,
+            "parallel.activation_checkpointing": "full",
+        },
+        2,
+    ),
+    ({**PIPELINE, "parallel.pipeline_parallel_size": 2}, 2),
+    ({**PIPELINE, "parallel.pipeline_parallel_size": 2, "parallel.pipeline_schedule": "gpipe"}, 2),
+    (
+        {
+            **PIPELINE,
+            "parallel.pipeline_parallel_size": 2,
+            "parallel.pipeline_schedule": "interleaved_1f1b",
+            "parallel.virtual_stages": 2,
+        },
+        2,
+    ),
+    (
+        {
+            **PIPELINE,
+            "parallel.pipeline_parallel_size": 2,
+            "parallel.pipeline_schedule": "zero_bubble",
+            "parallel.virtual_stages": 2,
+            "parallel.activation_checkpointing": "full",
+        },
+        2,
+    ),
+    ({"parallel.zero_stage": 3}, 2),
+    ({"parallel.zero_stage": 1, "parallel.activation_checkpointing": "selective"}, 2),
+    ({"parallel.zero_stage": 2}, 2),
+    ({"parallel.tensor_parallel_size": 2, "parallel.zero_stage": 3}, 4),
+    (
+        {
+            **PIPELINE,
+            "parallel.tensor_parallel_size": 2,
+            "parallel.pipeline_parallel_size": 2,
+            "parallel.zero_stage": 1,
+            "parallel.activation_checkpointing": "selective",
+        },
+        8,
+    ),
+]
+
+
+@pytest.mark.slow
+def test_plan_matches_every_ranks_measured_memory(tmp_path_factory):
+    """Each rank's parameter, gradient and optimizer-state bytes (memory_bytes after a
+    step) and peak saved activations (ActivationMeter over a step) against the plan, on
+    layouts chosen to differ: tp with and without sequence parallelism, pp with each
+    schedule, dp with ZeRO 0-3, every checkpointing mode."""
+    from tests.activation_probe import measure_layout, probe_config
+
+    tmp = str(tmp_path_factory.mktemp("probe"))
+    cpu = find_accelerator("h100-80gb", load_accelerators())  # memory is what is checked
+    worst = {}
+    for overrides, world in MEASURED_LAYOUTS:
+        config = probe_config(overrides, tmp)
+        layout = Layout.from_config(config, world)
+        plan = plan_layout(config, layout, cpu, 8, calibrate(config.model, "fp32"))
+        for rank in measure_layout(overrides, world, tmp):
+            planned = plan.memory[rank["pp_rank"]]
+            if layout.zero > 0:  # FSDP2's last chunk can be smaller: plan that rank's own
+                planned = {
+                    **planned,
+                    **model_state_bytes(config, layout, rank["pp_rank"], rank["dp_rank"]),
+                }
+            for part in ("parameters", "gradients", "optimizer_state", "activations"):
+                error = abs(planned[part] / rank[part] - 1)
+                where = f"{layout} rank {rank['rank']} {part}"
+                assert error <= 0.10, f"{where}: plan {planned[part]:,} vs {rank[part]:,}"
+                worst[part] = max(worst.get(part, 0.0), error)
+    assert len(MEASURED_LAYOUTS) >= 10
+    print("largest relative error by part:", worst)
