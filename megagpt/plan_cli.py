@@ -8,6 +8,7 @@ import math
 
 from megagpt.config import ConfigError, load_config
 from megagpt.data.settings import check_data_config
+from megagpt.planning.calibrate import measure_matmul_tflops
 from megagpt.planning.hardware import find_accelerator, load_accelerators
 from megagpt.planning.layouts import Layout, apply_layout, parse_layout
 from megagpt.planning.plan import Plan, plan_layout, search
@@ -30,6 +31,17 @@ def add_plan_command(sub) -> None:
         "--layout", help="tp=2,pp=4,vp=2,dp=8,zero=1,ac=selective,mbs=1,sp=1,schedule=1f1b"
     )
     p.add_argument("--hardware", help="YAML file adding or replacing accelerators")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument(
+        "--matmul-tflops",
+        type=float,
+        help="achievable matmul TFLOP/s of one GPU (instead of the table's fraction of peak)",
+    )
+    rate.add_argument(
+        "--measure-matmul",
+        action="store_true",
+        help="measure it on this machine's GPU (bf16), or CPU (fp32) without one",
+    )
     p.add_argument("--top", type=int, default=10, help="layouts shown when searching")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("overrides", nargs="*", help="settings as section.key=value")
@@ -85,12 +97,18 @@ def run_plan(args) -> int:
     gpu = find_accelerator(args.gpu, load_accelerators(args.hardware))
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise ConfigError("--gpus and --gpus-per-node must be at least 1")
+    rate = args.matmul_tflops
+    if args.measure_matmul:
+        rate = measure_matmul_tflops()
+        print(f"measured matmul rate on this machine: {rate:.3g} TFLOP/s")
+    if rate is not None and rate <= 0:
+        raise ConfigError(f"--matmul-tflops {rate}: must be positive")
     if args.layout:
         layout = parse_layout(args.layout, args.gpus)
         apply_layout(config, layout)  # a clear error for a layout megagpt would refuse
-        plans = [plan_layout(config, layout, gpu, args.gpus_per_node)]
+        plans = [plan_layout(config, layout, gpu, args.gpus_per_node, matmul_tflops=rate)]
     else:
-        plans = search(config, args.gpus, gpu, args.gpus_per_node)[: args.top]
+        plans = search(config, args.gpus, gpu, args.gpus_per_node, rate)[: args.top]
     if args.json:
         print(json.dumps([plan.to_dict() for plan in plans], indent=2))
         return 0 if plans and plans[0].fits else 1

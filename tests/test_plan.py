@@ -193,6 +193,9 @@ MEASURED_LAYOUTS = [
     ({"parallel.zero_stage": 3}, 2),
     ({"parallel.zero_stage": 1, "parallel.activation_checkpointing": "selective"}, 2),
     ({"parallel.zero_stage": 2}, 2),
+    # bf16 autocast: the weight copies it keeps for backward count as activations
+    ({"train.precision": "bf16"}, 1),
+    ({**PIPELINE, "parallel.pipeline_parallel_size": 2, "train.precision": "bf16"}, 2),
     ({"parallel.tensor_parallel_size": 2, "parallel.zero_stage": 3}, 4),
     (
         {
@@ -219,9 +222,11 @@ def test_plan_matches_every_ranks_measured_memory(tmp_path_factory):
     cpu = find_accelerator("h100-80gb", load_accelerators())  # memory is what is checked
     worst = {}
     for overrides, world in MEASURED_LAYOUTS:
+        overrides = {"train.precision": "fp32", **overrides}  # all in bf16: plan_accuracy.py
         config = probe_config(overrides, tmp)
         layout = Layout.from_config(config, world)
-        plan = plan_layout(config, layout, cpu, 8, calibrate(config.model, "fp32"))
+        precision = config.train.precision
+        plan = plan_layout(config, layout, cpu, 8, calibrate(config.model, precision))
         for rank in measure_layout(overrides, world, tmp):
             planned = plan.memory[rank["pp_rank"]]
             if layout.zero > 0:  # FSDP2's last chunk can be smaller: plan that rank's own

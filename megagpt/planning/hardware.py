@@ -2,8 +2,9 @@
 
 Peak numbers are the vendors' dense data-sheet figures (no sparsity). `achievable` is
 the fraction of the bf16 peak that large GEMMs reach in practice on that part (a
-planning assumption, stated with every plan; calibrate it on the machine at hand with
-`megagpt plan --measure-matmul`). Bandwidths are per GPU, one direction, in GB/s:
+planning assumption, stated with every plan; measure it on the machine at hand with
+`megagpt plan --measure-matmul`, or give it with --matmul-tflops). Bandwidths are per
+GPU, one direction, in GB/s:
 `intra_node` between GPUs of a node (NVLink/xGMI/PCIe), `inter_node` out of the node
 (the GPU's share of the network: 400 Gb/s InfiniBand per GPU = 50 GB/s).
 
@@ -43,6 +44,8 @@ class Accelerator:
     intra_node_gbps: float
     inter_node_gbps: float
     achievable: float = 0.6
+    latency_us: float = 15.0
+    """Fixed cost of one collective or send (NCCL's small-message latency, roughly)."""
     note: str = ""
 
     @property
@@ -53,15 +56,17 @@ class Accelerator:
 ACCELERATORS: dict[str, Accelerator] = {
     a.name: a
     for a in (
-        Accelerator("h100-80gb", 79.1, 989, 1979, 3350, 450, 50, 0.65, "SXM5, NVLink 4"),
-        Accelerator("h100-pcie", 79.1, 756, 1513, 2000, 64, 50, 0.6, "PCIe gen5, no NVLink"),
-        Accelerator("h200-141gb", 139.8, 989, 1979, 4800, 450, 50, 0.65, "SXM, NVLink 4"),
-        Accelerator("b200-180gb", 178.4, 2250, 4500, 8000, 900, 100, 0.6, "NVLink 5"),
-        Accelerator("a100-80gb", 79.2, 312, 0, 2039, 300, 25, 0.75, "SXM4, NVLink 3"),
-        Accelerator("a100-40gb", 39.4, 312, 0, 1555, 300, 25, 0.75, "SXM4, NVLink 3"),
-        Accelerator("v100-32gb", 31.7, 125, 0, 900, 150, 12.5, 0.7, "no bf16: fp16 tensor cores"),
-        Accelerator("l40s-48gb", 44.4, 362, 733, 864, 32, 25, 0.6, "PCIe gen4, no NVLink"),
-        Accelerator("mi300x-192gb", 191.5, 1307, 2615, 5300, 448, 50, 0.5, "Infinity Fabric"),
+        Accelerator("h100-80gb", 79.1, 989, 1979, 3350, 450, 50, 0.65, note="SXM5, NVLink 4"),
+        Accelerator("h100-pcie", 79.1, 756, 1513, 2000, 64, 50, 0.6, note="PCIe gen5, no NVLink"),
+        Accelerator("h200-141gb", 139.8, 989, 1979, 4800, 450, 50, 0.65, note="SXM, NVLink 4"),
+        Accelerator("b200-180gb", 178.4, 2250, 4500, 8000, 900, 100, 0.6, note="NVLink 5"),
+        Accelerator("a100-80gb", 79.2, 312, 0, 2039, 300, 25, 0.75, note="SXM4, NVLink 3"),
+        Accelerator("a100-40gb", 39.4, 312, 0, 1555, 300, 25, 0.75, note="SXM4, NVLink 3"),
+        Accelerator(
+            "v100-32gb", 31.7, 125, 0, 900, 150, 12.5, 0.7, note="no bf16: fp16 tensor cores"
+        ),
+        Accelerator("l40s-48gb", 44.4, 362, 733, 864, 32, 25, 0.6, note="PCIe gen4, no NVLink"),
+        Accelerator("mi300x-192gb", 191.5, 1307, 2615, 5300, 448, 50, 0.5, note="Infinity Fabric"),
     )
 }
 
@@ -107,17 +112,20 @@ def find_accelerator(name: str, table: dict[str, Accelerator]) -> Accelerator:
     return table[name]
 
 
-def cpu_accelerator(memory_gib: float, matmul_tflops: float, ranks: int) -> Accelerator:
-    """This machine's CPU as the 'accelerator' of `ranks` processes sharing it: its
-    memory and measured matmul rate divided among them; gloo over shared memory."""
+def cpu_accelerator(
+    memory_gib: float, matmul_tflops: float, bandwidth_gbps: float, latency_us: float
+) -> Accelerator:
+    """This machine's CPU as one rank's 'accelerator': its share of the memory, the
+    matmul rate, gloo's bandwidth and latency, all measured by the caller."""
     return Accelerator(
         "cpu",
-        memory_gib / ranks,
+        memory_gib,
         matmul_tflops,
         0,
         10,
-        2,
-        2,
+        bandwidth_gbps,
+        bandwidth_gbps,
         1.0,
+        latency_us,
         "this machine, measured",
     )

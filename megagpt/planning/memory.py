@@ -214,33 +214,68 @@ def _scaled(parts: dict[str, float], layout: Layout) -> float:
     return sum(bytes_ * role_factor(role, layout) for role, bytes_ in parts.items())
 
 
+def weight_copy_bytes(config: Config, layout: Layout) -> tuple[int, int]:
+    """Bytes of the bf16 copies autocast makes of one block's matmul weights and of the
+    output layer's, which backward keeps."""
+    if config.train.precision == "fp32":
+        return 0, 0
+    block = head = 0
+    for name, shape in parameter_shapes(_remember(config.model)):
+        local = list(shape)
+        dim = tensor_parallel_dim(name)
+        if dim is not None:
+            local[dim] //= layout.tp
+        if name.startswith("layers.0.") and name.endswith("proj.weight"):
+            block += 2 * math.prod(local)
+        elif name == "embed_tokens.weight":  # the output layer's matrix, tied or not
+            head = 2 * math.prod(local)
+    return block, head
+
+
 def activation_bytes(config: Config, layout: Layout, calibration: Calibration, pp_rank: int) -> int:
     """Peak bytes saved for backward on a rank of pipeline rank `pp_rank`: its schedule
     played forward, each forward adding what its stage keeps per microbatch, each
     backward first rebuilding one checkpointed block (by then the stage's own output
-    layer and loss have been freed), then freeing the microbatch."""
+    layer and loss have been freed), then freeing the microbatch. Under bf16 autocast
+    the weight copies count too (in checkpointed blocks only while rebuilt)."""
     tokens = layout.mbs * config.data.seq_len
     microbatches = config.train.global_batch_size // (layout.mbs * layout.dp)
     n_stages = layout.pp * layout.vp
     stage_layers = layer_ranges(config.model.n_layers, n_stages)
-    rebuilt = _scaled(calibration.transient, layout)
-    kept, extra = {}, {}
+    block_copies, head_copy = weight_copy_bytes(config, layout)
+    checkpointed = calibration.mode != "none"
+    rebuilt = tokens * _scaled(calibration.transient, layout)
+    if checkpointed:
+        rebuilt += block_copies
+    kept, extra, copies = {}, {}, {}
     for stage in range(pp_rank, n_stages, layout.pp):
-        kept[stage] = len(stage_layers[stage]) * _scaled(calibration.layer, layout)
+        layers = len(stage_layers[stage])
+        kept[stage] = layers * (tokens * _scaled(calibration.layer, layout))
+        copies[stage] = 0 if checkpointed else layers * block_copies
         extra[stage] = rebuilt
         if stage == 0:
-            kept[stage] += _scaled(calibration.first, layout)
+            kept[stage] += tokens * _scaled(calibration.first, layout)
         if stage == n_stages - 1:
-            head = _scaled(calibration.last, layout)
+            head = tokens * _scaled(calibration.last, layout)
             kept[stage] += head
-            extra[stage] = max(0.0, rebuilt - head)
+            copies[stage] += head_copy
+            extra[stage] = max(0.0, rebuilt - head - head_copy)
+    # A stage's weight copies are shared by its microbatches in flight (one autocast
+    # cache per step), so they count once while any of them is held.
+    held = dict.fromkeys(kept, 0)
     live = peak = 0.0
+
+    def now() -> float:
+        return live + sum(copies[s] for s, count in held.items() if count)
+
     for kind, stage in pipeline_order(layout, pp_rank, microbatches):
         if kind == "F":
             live += kept[stage]
-            peak = max(peak, live)
+            held[stage] += 1
+            peak = max(peak, now())
         elif kind in ("B", "I"):
-            peak = max(peak, live + extra[stage])
+            peak = max(peak, now() + extra[stage])
         if kind in ("B", "W"):
             live -= kept[stage]
-    return int(peak * tokens)
+            held[stage] -= 1
+    return int(peak)

@@ -4,8 +4,8 @@ Memory per pipeline rank (the ranks of a stage are alike up to FSDP2's uneven la
 chunk; rank 0's, the largest, is shown): model states and activations (memory.py),
 plus what exists only during a step: `buffers` = ZeRO's gathered parameters and
 unsharded gradients (stages 1-2 hold the stage's parameters whole from forward to
-backward, stage 1 its gradients too; stage 3 two blocks at a time), the bf16 weight
-copies autocast makes, and two blocks' worth of collective buffers; then a margin
+backward, stage 1 its gradients too; stage 3 two blocks at a time) and two blocks'
+worth of collective buffers; then a margin
 for the allocator's fragmentation and the CUDA/NCCL context.
 """
 
@@ -67,9 +67,8 @@ def _buffers(config: Config, layout: Layout, pp_rank: int, precision: str) -> in
     elif layout.zero == 3:
         gathered = 2 * block
     unsharded_grads = whole if layout.zero == 1 else (2 * block if layout.zero >= 2 else 0)
-    weight_copies = 0.0 if precision == "fp32" else whole / 2  # bf16 copies of fp32 weights
     collectives = 2 * block if layout.dp > 1 else 0.0
-    return int(gathered + unsharded_grads + weight_copies + collectives)
+    return int(gathered + unsharded_grads + collectives)
 
 
 def plan_layout(

@@ -30,11 +30,15 @@ from megagpt.planning.memory import unsharded_stage_bytes
 ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "auto": 2}
 
 
-def _ring(bytes_: float, ranks: int, bandwidth_gbps: float, passes: float) -> float:
-    """Seconds of a ring collective moving `passes` x (n-1)/n of `bytes_` per rank."""
+def _ring(
+    bytes_: float, ranks: int, bandwidth_gbps: float, passes: float, latency_us: float = 0.0
+) -> float:
+    """Seconds of a ring collective moving `passes` x (n-1)/n of `bytes_` per rank, plus
+    a fixed latency per pass."""
     if ranks <= 1:
         return 0.0
-    return passes * (ranks - 1) / ranks * bytes_ / (bandwidth_gbps * 1e9)
+    moved = passes * (ranks - 1) / ranks * bytes_ / (bandwidth_gbps * 1e9)
+    return moved + passes * latency_us * 1e-6
 
 
 def step_time(
@@ -61,7 +65,8 @@ def step_time(
     hidden_bytes = layout.mbs * seq * m.hidden_size * act
     tp_bw = gpu.intra_node_gbps if layout.tp <= gpus_per_node else gpu.inter_node_gbps
     reductions = 6 if layout.ac == "full" else 4
-    tensor = microbatches * layers_here * reductions * _ring(hidden_bytes, layout.tp, tp_bw, 2)
+    all_reduce = _ring(hidden_bytes, layout.tp, tp_bw, 2, gpu.latency_us)
+    tensor = microbatches * layers_here * reductions * all_reduce
 
     pipeline = 0.0
     if layout.pp > 1:
@@ -69,17 +74,22 @@ def step_time(
             gpu.inter_node_gbps if layout.tp * layout.dp >= gpus_per_node else gpu.intra_node_gbps
         )
         sent = hidden_bytes / (layout.tp if layout.sp else 1)
-        pipeline = microbatches * layout.vp * 2 * sent / (pp_bw * 1e9)
+        pipeline = microbatches * layout.vp * 2 * (sent / (pp_bw * 1e9) + gpu.latency_us * 1e-6)
 
     grads = unsharded_stage_bytes(config, layout, 0)  # fp32, this tensor-parallel rank's
     dp_bw = gpu.intra_node_gbps if layout.tp * layout.dp <= gpus_per_node else gpu.inter_node_gbps
     d = layout.dp
+    # FSDP2 communicates block by block: one collective per block (and one for the rest).
+    calls = layers_here + 1
     if layout.zero == 0:
-        data = _ring(grads, d, dp_bw, 2)
+        data = _ring(grads, d, dp_bw, 2) + 2 * calls * _ring(0, d, dp_bw, 1, gpu.latency_us)
     else:
-        scatters = 1 if layout.zero == 1 else microbatches
-        gathers = microbatches * (2 if layout.zero == 3 else 1)
-        data = _ring(grads, d, dp_bw, scatters + gathers)
+        passes = (1 if layout.zero == 1 else microbatches) + microbatches * (
+            2 if layout.zero == 3 else 1
+        )
+        data = _ring(grads, d, dp_bw, passes) + passes * calls * _ring(
+            0, d, dp_bw, 1, gpu.latency_us
+        )
     exposed_data = 2 * data / max(layers_here, 1) + max(0.0, data - compute)
 
     pipelined = compute + tensor + pipeline
