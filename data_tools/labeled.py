@@ -27,7 +27,7 @@ from data_tools.labeled_rows import BadRows, RowDrop, read_rows
 from data_tools.pipeline import output_lock
 from data_tools.progress import Progress
 from data_tools.sft import SftExamples
-from data_tools.sources import InputError, expand_inputs
+from data_tools.sources import InputError, check_tokenizer_and_shards, expand_inputs
 from data_tools.state import atomic_write_json
 from megagpt.data.indexed import token_dtype
 from megagpt.tokenizer import Tokenizer
@@ -124,13 +124,7 @@ def labeled_options_from_args(args: argparse.Namespace) -> LabeledOptions:
     check_format_options(args)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise InputError(f"--max-tokens {args.max_tokens}: give data.seq_len + 1, at least 2")
-    if args.shard_tokens is not None and args.shard_tokens < 1:
-        raise InputError(f"--shard-tokens = {args.shard_tokens}: give a positive token count")
-    if not Path(args.tokenizer).is_file():
-        raise InputError(
-            f"--tokenizer {args.tokenizer}: no such file (give a sentencepiece .model or a "
-            "tokenizer.json, or train one with megagpt-train-tokenizer)"
-        )
+    check_tokenizer_and_shards(args)
     inputs = expand_inputs(args.inputs)
     for path in inputs:
         if not re.search(r"\.(jsonl?(\.gz|\.zst)?|parquet)$", path.name):

@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from data_tools.cleaning import CleaningOptions
 from data_tools.cli import run_tool, setup_logging
@@ -29,7 +28,7 @@ from data_tools.labeled import (
 from data_tools.minhash import MinHashSettings, settings_for_threshold
 from data_tools.pipeline import PreprocessOptions, run_preprocess
 from data_tools.quality_settings import PRESETS, quality_filters_from_args
-from data_tools.sources import SUPPORTED, InputError, expand_inputs
+from data_tools.sources import SUPPORTED, InputError, check_tokenizer_and_shards, expand_inputs
 from data_tools.tasks import PHASES, task_index
 from megagpt.tokenizer import Tokenizer
 
@@ -207,13 +206,7 @@ def options_from_args(args: argparse.Namespace) -> PreprocessOptions:
     for name in ("workers", "min_chars", "max_chars"):
         if getattr(args, name) < (1 if name == "workers" else 0):
             raise InputError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be positive")
-    if args.shard_tokens is not None and args.shard_tokens < 1:
-        raise InputError(f"--shard-tokens = {args.shard_tokens}: give a positive token count")
-    if not Path(args.tokenizer).is_file():
-        raise InputError(
-            f"--tokenizer {args.tokenizer}: no such file (give a sentencepiece .model or a "
-            "tokenizer.json, or train one with megagpt-train-tokenizer)"
-        )
+    check_tokenizer_and_shards(args)
     Tokenizer(args.tokenizer)  # a file that is not a tokenizer fails here, before any output
     num_tasks, index = task_settings(args)
     return PreprocessOptions(

@@ -286,3 +286,14 @@ def _parquet_batches(path: Path, file_index: int, skip_records: int, text_field:
         )
         return
     yield Batch(0, file_index, max(record, skip_records), "arrow", None, 0, size, True)
+
+
+def check_tokenizer_and_shards(args) -> None:
+    """The options every preprocessing format shares: --shard-tokens and --tokenizer."""
+    if args.shard_tokens is not None and args.shard_tokens < 1:
+        raise InputError(f"--shard-tokens = {args.shard_tokens}: give a positive token count")
+    if not Path(args.tokenizer).is_file():
+        raise InputError(
+            f"--tokenizer {args.tokenizer}: no such file (give a sentencepiece .model or a "
+            "tokenizer.json, or train one with megagpt-train-tokenizer)"
+        )

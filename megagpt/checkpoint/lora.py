@@ -27,19 +27,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
-    set_model_state_dict,
 )
 
 from megagpt.checkpoint import layout
 from megagpt.checkpoint.checksums import file_summary
 from megagpt.checkpoint.layout import CheckpointError
-from megagpt.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, read_index
-from megagpt.checkpoint.state import apply, collect
+from megagpt.checkpoint.safe_dcp import read_index
+from megagpt.checkpoint.state import collect, load_into
 from megagpt.config.schema import LoraConfig, ModelConfig
 from megagpt.model.build import build_meta_model
 from megagpt.model.lora import apply_lora, is_adapter
@@ -184,12 +181,7 @@ def load_adapters(
             if name not in stored:
                 raise CheckpointError(f"{directory} lacks {name}, which this run needs")
             request[name] = value
-    dcp.load(request, storage_reader=SafeFileSystemReader(state_dir), planner=SafeLoadPlanner())
-    if optimizers is not None:
-        apply(parts, optimizers, state)
-        return
-    for part in parts:
-        set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+    load_into(parts, optimizers, state, request, state_dir)
 
 
 def check_lora_export(directory: Path, merge_lora: bool) -> None:

@@ -31,9 +31,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
-    set_model_state_dict,
 )
 
 from megagpt.checkpoint import layout, lora
@@ -45,8 +43,8 @@ from megagpt.checkpoint.checksums import (
     damaged_error,
 )
 from megagpt.checkpoint.layout import CheckpointError
-from megagpt.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, read_index
-from megagpt.checkpoint.state import apply, check_fits, collect, stored_name
+from megagpt.checkpoint.safe_dcp import read_index
+from megagpt.checkpoint.state import check_fits, collect, load_into, stored_name
 from megagpt.config import Config, ModelConfig
 from megagpt.model.build import build_meta_model
 from megagpt.model.lora import is_adapter
@@ -403,12 +401,7 @@ def load_state(
             + ", ".join(missing[:10])
             + (" ..." if len(missing) > 10 else "")
         )
-    dcp.load(request, storage_reader=SafeFileSystemReader(state_dir), planner=SafeLoadPlanner())
-    if optimizers is not None:
-        apply(parts, optimizers, state)
-        return
-    for part in parts:
-        set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+    load_into(parts, optimizers, state, request, state_dir)
 
 
 def _model_state(parts: list[nn.Module]) -> dict:

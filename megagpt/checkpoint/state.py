@@ -13,14 +13,17 @@ import logging
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
 from megagpt.checkpoint.layout import CheckpointError
+from megagpt.checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 from megagpt.parallel.optimizer import Optimizers
 
 log = logging.getLogger(__name__)
@@ -153,3 +156,16 @@ def check_fits(
         "config.yaml), or set checkpoint.partial_load=true to load only the tensors "
         "that match"
     )
+
+
+def load_into(
+    parts: list[nn.Module], optimizers: Optimizers | None, state: dict, request: dict, state_dir
+) -> None:
+    """Read `request` (views into `state`) from a checkpoint's DCP files, then put it in
+    place: the whole training state, or the weights alone when there are no optimizers."""
+    dcp.load(request, storage_reader=SafeFileSystemReader(state_dir), planner=SafeLoadPlanner())
+    if optimizers is not None:
+        apply(parts, optimizers, state)
+        return
+    for part in parts:
+        set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
