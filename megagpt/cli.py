@@ -172,6 +172,22 @@ def _add_import(sub) -> None:
         "--out", required=True, help="run directory; the checkpoint goes to <out>/checkpoints"
     )
     hf.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP}, stored in its config")
+    ds = formats.add_parser(
+        "deepspeed",
+        help="a DeepSpeed checkpoint (engine.save_checkpoint) with its optimizer state",
+    )
+    ds.add_argument("--checkpoint", required=True, help="the save_checkpoint directory")
+    ds.add_argument("--config", help="YAML of the model it holds (megagpt's config format)")
+    ds.add_argument(
+        "--out", required=True, help="run directory; the checkpoint goes to <out>/checkpoints"
+    )
+    ds.add_argument(
+        "--trust-pickles",
+        action="store_true",
+        help="DeepSpeed's files are pickles, which can run code when loaded: say that "
+        "this checkpoint comes from you or someone you trust",
+    )
+    ds.add_argument("overrides", nargs="*", help=f"{OVERRIDES_HELP} (the model's shape)")
 
 
 def _add_checkpoint(sub) -> None:
@@ -201,10 +217,29 @@ def build_parser() -> argparse.ArgumentParser:
         _add_import,
         _add_checkpoint,
         add_plan_command,
+        _add_setup,
     ):
         add(sub)
     add_launch_commands(sub)
     return parser
+
+
+def _add_setup(sub) -> None:
+    p = sub.add_parser("setup", help="one-time set-up of optional parts of this environment")
+    parts = p.add_subparsers(dest="part", required=True)
+    parts.add_parser(
+        "deepspeed",
+        help="build DeepSpeed's CPU Adam extension once (for parallel.offload_optimizer "
+        "on the deepspeed engine); runs never compile it themselves",
+    )
+
+
+def _setup(args) -> None:
+    from megagpt.parallel.deepspeed_ops import build_cpu_adam
+    from megagpt.utils.logging import setup_logging
+
+    setup_logging(0, "INFO")
+    print(f"DeepSpeed's CPU Adam is built in {build_cpu_adam()}")
 
 
 def _export(args) -> None:
@@ -220,7 +255,15 @@ def _export(args) -> None:
 def _import(args) -> None:
     from megagpt.checkpoint.convert import import_hf
 
-    written = import_hf(args.model, args.out, args.overrides)
+    if args.format == "deepspeed":
+        from megagpt.checkpoint.deepspeed_import import import_deepspeed
+        from megagpt.config import apply_overrides, load_config
+
+        config = load_config(args.config, args.overrides)
+        config = apply_overrides(config, [f"train.output_dir={args.out}"], "import")
+        written = import_deepspeed(args.checkpoint, args.out, config, args.trust_pickles)
+    else:
+        written = import_hf(args.model, args.out, args.overrides)
     print(f"wrote {written}; continue training with checkpoint.resume={written}")
 
 
@@ -453,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sweep-report": run_sweep_report,
         "compare": run_compare,
         "plan": run_plan,
+        "setup": _setup,
     }
     # Ctrl-C in training saves a checkpoint first; a second one, or one elsewhere, ends here.
     return report_user_errors(f"megagpt {args.command}", lambda: handlers[args.command](args))

@@ -172,19 +172,28 @@ def import_hf(model_dir: str | Path, out: str | Path, overrides: Sequence[str] =
 
 
 def write_weights_checkpoint(
-    state: dict[str, torch.Tensor], config: Config, root: Path, extra: dict
+    state: dict[str, torch.Tensor],
+    config: Config,
+    root: Path,
+    extra: dict,
+    optimizer: dict[str, torch.Tensor] | None = None,
+    step: int = 0,
 ) -> Path:
-    """A step-0 checkpoint holding only model weights (training starts its optimizer
-    fresh from it)."""
-    partial = layout.start_partial(root, 0, config)
+    """A checkpoint holding model weights, and AdamW's state if `optimizer` is given
+    (`state.<param>.<key>` entries); without it training starts its optimizer fresh.
+    `step` is where the schedule continues (its samples counted as consumed)."""
+    partial = layout.start_partial(root, step, config)
     writer = ChecksummingWriter(partial / layout.STATE_DIR)
-    dcp.save({"model": state}, storage_writer=writer)
+    dcp.save(
+        {"model": state, **({"optimizer": optimizer} if optimizer else {})}, storage_writer=writer
+    )
+    consumed = step * config.train.global_batch_size
     metadata = {
-        **layout.base_metadata(0),
-        "consumed_samples": 0,
-        "consumed_tokens": 0,
-        "optimizer_state": False,
+        **layout.base_metadata(step),
+        "consumed_samples": consumed,
+        "consumed_tokens": consumed * config.data.seq_len,
+        "optimizer_state": bool(optimizer),
         "checksums": checkpoint_sums(partial, [writer.fs.relative_sums(partial)]),
         **extra,
     }
-    return layout.publish(partial, root, 0, metadata)
+    return layout.publish(partial, root, step, metadata)

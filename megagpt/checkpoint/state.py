@@ -52,7 +52,10 @@ def rng_key(rank: int) -> str:
 
 def collect(parts: list[nn.Module], optimizers: Optimizers) -> dict:
     """The state dict to save (and, for loading, the template to fill in place) of a
-    train module's parts and optimizers; needs the process group of the run."""
+    train module's parts and optimizers; needs the process group of the run. An engine
+    that keeps its own partitions (DeepSpeed) writes the same entries itself."""
+    if hasattr(optimizers, "collect_state"):
+        return optimizers.collect_state(parts)
     model_state, optimizer_state = {}, {}
     for part, optimizer in zip(parts, optimizers.optimizers):
         part_model, part_optimizer = get_state_dict(part, optimizer, options=options_for(part))
@@ -69,6 +72,9 @@ def collect(parts: list[nn.Module], optimizers: Optimizers) -> dict:
 
 def apply(parts: list[nn.Module], optimizers: Optimizers, state: dict) -> None:
     """Put loaded state (filled in place into a `collect` template) into the model."""
+    if hasattr(optimizers, "apply_state"):
+        optimizers.apply_state(parts, state)
+        return
     for part, optimizer in zip(parts, optimizers.optimizers):
         names = set(dict(part.named_parameters(remove_duplicate=False))) | set(part.state_dict())
         part_model = {k: v for k, v in state["model"].items() if k in names}

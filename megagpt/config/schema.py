@@ -139,6 +139,26 @@ class ParallelConfig:
     """Recompute activations in backward to save memory: every block's (full), or only
     those of cheap operations while matmul and attention outputs are kept (selective)."""
 
+    engine: Literal["native", "deepspeed"] = "native"
+    """Who runs data parallelism and ZeRO: native (PyTorch's FSDP2, every layout) or
+    deepspeed (DeepSpeed's ZeRO 0-3 with CPU or NVMe offload; data parallel only; needs
+    the `deepspeed` extra)."""
+
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """Keep the optimizer state (and the fp32 master weights it updates) in host memory
+    (cpu) or on an NVMe drive (nvme, deepspeed engine only); the optimizer steps there.
+    On the native engine cpu is FSDP2's CPU offload, which moves parameters, gradients
+    and optimizer state together: the same as offload_params=cpu."""
+
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    """Keep the parameters themselves in host memory (cpu) or on NVMe (nvme, deepspeed
+    engine with zero_stage 3) between uses. On the native engine cpu offloads the
+    gradients and optimizer state too (FSDP2's CPU offload, at any zero_stage and
+    layout): the same as offload_optimizer=cpu."""
+
+    nvme_path: str | None = None
+    """Directory on a local NVMe drive for nvme offload (must exist and be writable)."""
+
 
 @dataclass
 class DataConfig:
@@ -229,6 +249,26 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class LossScaleConfig:
+    initial_scale: float = 65536.0
+    """The loss is multiplied by this before backward (2**16, as DeepSpeed and
+    torch.amp start), so small fp16 gradients do not flush to zero."""
+
+    growth_interval: int = 1000
+    """Steps in a row without an overflow after which the scale doubles."""
+
+    backoff_factor: float = 0.5
+    """The scale is multiplied by this when a step's gradients overflow (inf or NaN)."""
+
+    hysteresis: int = 2
+    """Overflowing steps (not necessarily in a row) tolerated before the scale backs
+    off; every overflowing step is skipped either way. 1 backs off at every overflow."""
+
+    min_scale: float = 1.0
+    """The scale never goes below this."""
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 600
     """Optimizer steps to train for (computed from epochs when that is set)."""
@@ -251,9 +291,13 @@ class TrainConfig:
     """Directory for everything a run writes: resolved config, metrics, TensorBoard
     events and checkpoints."""
 
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute precision: bf16 autocast (weights and optimizer stay fp32) or fp32.
-    auto picks bf16 on GPUs that support it and fp32 on CPU."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision: bf16 or fp16 autocast (weights and optimizer stay fp32) or
+    fp32. fp16, for GPUs without bf16 (V100, T4), scales the loss dynamically (see
+    train.loss_scale). auto picks bf16 on GPUs that support it and fp32 on CPU."""
+
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    """Dynamic loss scaling of fp16 training (ignored at other precisions)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto uses CUDA when it is available."""

@@ -9,6 +9,7 @@ known. The syntax of data.path and data.split belongs to the data layer
 from __future__ import annotations
 
 import importlib.util
+import math
 
 from megagpt.config.errors import ConfigError
 from megagpt.config.schema import (
@@ -149,6 +150,20 @@ def validate_train(t: TrainConfig) -> None:
         t.watchdog_min_timeout_s,
         "must be positive",
     )
+    scale = t.loss_scale
+    _check(
+        scale.initial_scale >= scale.min_scale > 0,
+        "train.loss_scale.initial_scale",
+        scale.initial_scale,
+        f"must be at least train.loss_scale.min_scale ({scale.min_scale}), which must be > 0",
+    )
+    _check(
+        0 < scale.backoff_factor < 1,
+        "train.loss_scale.backoff_factor",
+        scale.backoff_factor,
+        "must be between 0 and 1 (0.5 halves the scale at an overflow)",
+    )
+    _positive(scale, "train.loss_scale", "growth_interval", "hysteresis")
     timeout = t.collective_timeout_s
     _check(
         timeout is None or timeout > 0,
@@ -205,6 +220,7 @@ def validate_parallel(config: Config) -> None:
         p.zero_stage,
         "must be 0 (plain data parallel), 1, 2 or 3",
     )
+    _check_engine(config)
     tp = p.tensor_parallel_size
     for count, what in (
         (m.n_heads, f"model.n_heads ({m.n_heads})"),
@@ -262,6 +278,88 @@ def validate_parallel(config: Config) -> None:
             f"must be 1 with parallel.pipeline_schedule={p.pipeline_schedule!r}; "
             "use interleaved_1f1b or zero_bubble for several stages per rank",
         )
+
+
+def _check_engine(config: Config) -> None:
+    """Offload and engine settings that fit together (the NVMe directory itself is
+    checked when the engine starts, on the machine that trains)."""
+    p = config.parallel
+    if p.engine == "deepspeed":
+        for name, size in (
+            ("tensor_parallel_size", p.tensor_parallel_size),
+            ("pipeline_parallel_size", p.pipeline_parallel_size),
+        ):
+            _check(
+                size == 1,
+                f"parallel.{name}",
+                size,
+                "must be 1 with parallel.engine=deepspeed (data parallel and ZeRO only); "
+                "use parallel.engine=native for tensor and pipeline parallelism, which "
+                "offloads to CPU too (parallel.offload_optimizer=cpu)",
+            )
+        _check(
+            p.zero_stage >= 1,
+            "parallel.zero_stage",
+            p.zero_stage,
+            "must be 1, 2 or 3 with parallel.engine=deepspeed (plain data parallelism is "
+            "the native engine's: parallel.engine=native)",
+        )
+        _check(
+            not config.finetune.lora.rank,
+            "finetune.lora.rank",
+            config.finetune.lora.rank,
+            "LoRA fine-tunes on the native engine (parallel.engine=native)",
+        )
+        _check(
+            p.offload_optimizer == "none" or p.zero_stage >= 1,
+            "parallel.offload_optimizer",
+            p.offload_optimizer,
+            "needs parallel.zero_stage 1, 2 or 3 on the deepspeed engine",
+        )
+        _check(
+            p.offload_params == "none" or p.zero_stage == 3,
+            "parallel.offload_params",
+            p.offload_params,
+            "needs parallel.zero_stage = 3 on the deepspeed engine (only ZeRO-3 partitions "
+            "the parameters); or offload the optimizer alone (parallel.offload_optimizer)",
+        )
+        _check(
+            "nvme" not in (p.offload_optimizer, p.offload_params) or bool(p.nvme_path),
+            "parallel.nvme_path",
+            p.nvme_path,
+            "must name a directory on a local NVMe drive for nvme offload",
+        )
+        scale = config.train.loss_scale
+        if config.train.precision == "fp16":
+            _check(
+                scale.backoff_factor == 0.5,
+                "train.loss_scale.backoff_factor",
+                scale.backoff_factor,
+                "must be 0.5 with parallel.engine=deepspeed (DeepSpeed halves its scale)",
+            )
+            power = round(math.log2(scale.initial_scale))
+            _check(
+                2.0**power == scale.initial_scale,
+                "train.loss_scale.initial_scale",
+                scale.initial_scale,
+                f"must be a power of two with parallel.engine=deepspeed (e.g. {2.0**power:g})",
+            )
+        _check(
+            not config.train.compile,
+            "train.compile",
+            True,
+            "is not supported with parallel.engine=deepspeed; use the native engine",
+        )
+    else:
+        for name in ("offload_optimizer", "offload_params"):
+            value = getattr(p, name)
+            _check(
+                value != "nvme",
+                f"parallel.{name}",
+                value,
+                "nvme offload needs parallel.engine=deepspeed (with the deepspeed extra); "
+                "the native engine offloads to cpu",
+            )
 
 
 def validate_world_size(config: Config, world_size: int) -> int:

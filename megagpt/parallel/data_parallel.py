@@ -12,23 +12,58 @@ stage 3: as 2, and each block's parameters are freed after its forward and gathe
 FSDP2 keeps parameters sharded between steps at every stage >= 1 (DeepSpeed's
 stages 1-2 keep them whole); stage 3 is the one that also frees them within a step.
 Under pipeline parallelism the pipeline reduces gradients once per step at all stages.
+
+CPU offload (ZeRO-Offload, FSDP2's CPUOffloadPolicy) at any stage: each rank's sharded
+fp32 parameters, their gradients and so the optimizer state live in host memory, and
+the optimizer steps there; only the gathered copies a forward or backward computes
+with are on the device, copied over before each all-gather and freed as at the stage.
+So offloading "the optimizer" and "the parameters" is one setting on this engine.
 """
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
 from megagpt.model.gpt import GPT
 
+OFFLOAD_DESCRIPTION = (
+    "CPU offload (sharded parameters, gradients and optimizer state in host memory, "
+    "optimizer stepped there; parallel.offload_optimizer and offload_params both mean "
+    "this on the native engine)"
+)
 
-def apply_data_parallel(part: GPT, mesh: DeviceMesh, zero_stage: int) -> None:
+
+def apply_data_parallel(
+    part: GPT,
+    mesh: DeviceMesh,
+    zero_stage: int,
+    cpu_offload: bool = False,
+    pin_memory: bool = False,
+) -> None:
+    """Wrap every block, then the root, in FSDP2 (with the same offload policy: FSDP2
+    moves each group's shards on its own). `pin_memory` speeds host-device copies; only
+    CUDA has pinned memory."""
     dp_mesh = mesh["dp_replicate", "dp_shard"]
+    offload = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
     for block in part.layers.values():  # one communication group per block
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=zero_stage == 3)
+        fully_shard(
+            block, mesh=dp_mesh, reshard_after_forward=zero_stage == 3, offload_policy=offload
+        )
     # The root (embeddings, final norm, output layer) is needed again as soon as
     # backward starts, so it stays gathered through the step, as in torchtitan.
-    fully_shard(part, mesh=dp_mesh, reshard_after_forward=False)
+    fully_shard(part, mesh=dp_mesh, reshard_after_forward=False, offload_policy=offload)
+
+
+@torch.no_grad()
+def move_buffers(part: GPT, device: torch.device) -> None:
+    """Put `part`'s buffers (rotary tables) on the compute device. FSDP2 manages only
+    parameters: an offloaded part is allocated on the CPU, as FSDP2 requires, and its
+    buffers would stay there."""
+    for module in part.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)
 
 
 def sync_every_microbatch(zero_stage: int) -> bool:

@@ -8,6 +8,9 @@ node), pipeline stages are furthest apart. Data parallelism is split into a repl
 and a shard dimension for FSDP2's HSDP mode; one of the two always has size 1: ZeRO
 stage 0 replicates across all data-parallel ranks (plain data parallel), stages 1-3
 shard across them.
+
+Native CPU offload (parallel.offload_optimizer or offload_params = cpu) is FSDP2's too,
+so it puts every layout under FSDP2, one process included (a mesh of size 1).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ class ParallelDims:
     dp: int
     tp: int
     zero_stage: int
+    cpu_offload: bool = False
+    """FSDP2 keeps the sharded parameters, their gradients and the optimizer state in
+    host memory and steps the optimizer there (see data_parallel.py)."""
 
     @property
     def world_size(self) -> int:
@@ -58,8 +64,9 @@ class ParallelDims:
         """FSDP2 manages the parameters of every layout of more than one process, also
         at data-parallel size 1: it keeps every gradient's placement equal to its
         parameter's, which a pipeline's backward alone does not (on tensor 2 x pipeline
-        2 the vocabulary-sharded embedding's gradient comes back replicated)."""
-        return self.world_size > 1
+        2 the vocabulary-sharded embedding's gradient comes back replicated). CPU
+        offload is FSDP2's, so it needs FSDP2 on one process too."""
+        return self.world_size > 1 or self.cpu_offload
 
     def dp_rank(self, rank: int) -> int:
         """This rank's index among the data-parallel replicas (see MESH_DIMS: ranks run
@@ -76,12 +83,23 @@ class ParallelDims:
         p = config.parallel
         dp = validate_world_size(config, world_size)
         return cls(
-            pp=p.pipeline_parallel_size, dp=dp, tp=p.tensor_parallel_size, zero_stage=p.zero_stage
+            pp=p.pipeline_parallel_size,
+            dp=dp,
+            tp=p.tensor_parallel_size,
+            zero_stage=p.zero_stage,
+            cpu_offload=native_cpu_offload(config),
         )
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
         return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+
+
+def native_cpu_offload(config: Config) -> bool:
+    """Whether the native engine offloads: on it the two settings mean the same (FSDP2
+    offloads parameters, gradients and optimizer state together)."""
+    p = config.parallel
+    return p.engine == "native" and "cpu" in (p.offload_optimizer, p.offload_params)
 
 
 def device_type(device: torch.device) -> str:

@@ -41,9 +41,14 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistributedEnv:
+def init_distributed(
+    device_preference: str = "auto", timeout_s: int = 600, cpu_collectives: bool = False
+) -> DistributedEnv:
     """Join the process group that torchrun (RANK/WORLD_SIZE/MASTER_ADDR) describes, or
     the one the caller already made.
+
+    `cpu_collectives` adds gloo beside NCCL on GPUs, for collectives on host tensors:
+    with CPU offload the gradients (their norm, tied copies) live in host memory.
 
     A lone process (no MASTER_ADDR, WORLD_SIZE unset or 1) gets a process group of one
     rank over an in-memory store (no network), so that one process is a layout of size
@@ -54,6 +59,8 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> D
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl" and cpu_collectives:
+            backend = "cuda:nccl,cpu:gloo"
         timeout = timedelta(seconds=timeout_s)
         lone = "MASTER_ADDR" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == 1
         if lone:

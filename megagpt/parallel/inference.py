@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from megagpt.config.schema import ModelConfig
 from megagpt.model.kv_cache import KVCache
+from megagpt.parallel.precision import autocast_dtype
 from megagpt.parallel.train_module import TrainModule
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -96,7 +97,7 @@ class InferenceRunner:
             dp_group=dp_group,
             tensor_parallel_size=dims.tp,
         )
-        dtype = torch.bfloat16 if module.precision == "bf16" else torch.float32
+        dtype = autocast_dtype(module.precision)  # of the KV cache: what autocast computes
         return cls(layout, module.config.model, module.env.device, module.autocast, dtype)
 
     @classmethod

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from megagpt.config.schema import OptimConfig
 
@@ -34,13 +33,13 @@ def build_optimizer(model, cfg: OptimConfig, tie_embeddings: bool = False) -> to
     # optimizer state dicts cannot load one.
     groups = [group for group in groups if group["params"]]
     # torch's fused kernel: one pass over all tensors (38.7 -> 13.6 ms per step for a
-    # 26M-parameter model on 2 CPU cores). Sharded (DTensor) parameters take the
-    # multi-tensor path on CPU, where the fused kernel has no DTensor support.
+    # 26M-parameter model on 2 CPU cores). It takes sharded (DTensor) parameters too, on
+    # CPU as well since torch 2.13 (DTensor shards it as a pointwise op), which is where
+    # FSDP2's CPU offload keeps them: 23M parameters as CPU DTensors on 2 cores, 27.7 ms
+    # per step fused against 92 (foreach) and 127 (the per-tensor loop torch picks by
+    # default for CPU tensors), equal to plain tensors' fused step bit for bit.
     params = decay + no_decay
-    fused = all(
-        p.device.type == "cuda" or (p.device.type == "cpu" and not isinstance(p, DTensor))
-        for p in params
-    )
+    fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
     )

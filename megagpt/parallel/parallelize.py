@@ -20,7 +20,8 @@ from megagpt.config import Config
 from megagpt.model.build import build_meta_model
 from megagpt.model.gpt import GPT
 from megagpt.parallel.activation_checkpoint import apply_activation_checkpointing
-from megagpt.parallel.data_parallel import apply_data_parallel
+from megagpt.parallel.data_parallel import OFFLOAD_DESCRIPTION, apply_data_parallel, move_buffers
+from megagpt.parallel.deepspeed_engine import build_deepspeed_module
 from megagpt.parallel.dims import ParallelDims, device_type
 from megagpt.parallel.env import DistributedEnv
 from megagpt.parallel.init import materialize_shards
@@ -49,6 +50,8 @@ def compile_blocks(part: GPT) -> None:
 def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
     """Build the configured model on this rank's share of the layout; one process is
     the layout of size one and takes the same steps, each a no-op at size 1."""
+    if config.parallel.engine == "deepspeed":
+        return build_deepspeed_module(config, env)
     p, t = config.parallel, config.train
     dims = ParallelDims.from_config(config, env.world_size)
     mesh = dims.build_mesh(device_type(env.device))
@@ -75,8 +78,12 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
         if t.compile:
             compile_blocks(part)
         if dims.fsdp_enabled:
-            apply_data_parallel(part, mesh, dims.zero_stage)
-        materialize_shards(part, env.device, t.seed)
+            pin = env.device.type == "cuda"
+            apply_data_parallel(part, mesh, dims.zero_stage, dims.cpu_offload, pin_memory=pin)
+        # FSDP2 wants offloaded shards allocated on the CPU; buffers still compute on device.
+        materialize_shards(part, torch.device("cpu") if dims.cpu_offload else env.device, t.seed)
+        if dims.cpu_offload:
+            move_buffers(part, env.device)
     if dims.tensor_enabled:
         log.info(
             "tensor parallel: %d ranks (Megatron partitioning%s, loss on vocab shards)",
@@ -94,6 +101,8 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
             "s" if dims.data_enabled else "",
             ZERO_DESCRIPTION[dims.zero_stage],
         )
+    if dims.cpu_offload:
+        log.info("%s", OFFLOAD_DESCRIPTION)
     schedule, pipeline_loss = None, None
     if dims.pipeline_enabled:
         pipeline_loss = ScaledLoss()

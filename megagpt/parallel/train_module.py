@@ -2,9 +2,15 @@
 
 One object hides the layout from the training loop, as OLMo-core's TrainModule does:
 `train_step` runs a step's microbatches (gradient accumulation, or the pipeline
-schedule), `clip_grad_norm_` clips by the norm over every shard and stage, and
-`optimizer_step` applies the update. Checkpoints read and write the state through
-`parts` and `optimizers` and need nothing from the loop.
+schedule), and `update` clips by the norm over every shard and stage and applies the
+update (or skips it when that norm is not finite). Checkpoints read and write the state
+through `parts` and `optimizers` and need nothing from the loop.
+
+Under fp16 the loss is multiplied by the loss scale before backward (see
+loss_scale.py): `train_step` folds the scale into the factor every loss is multiplied
+by and returns the unscaled loss; `update` divides it out of the gradients in the same
+multiply that clips them, and moves the scale by whether they overflowed. The norm is
+global, so every rank skips or steps, and moves its copy of the scale, alike.
 
 The loss of a step is the mean over the trained tokens (targets that are not
 IGNORE_INDEX) of the whole global batch: every microbatch contributes its sum of token
@@ -41,6 +47,7 @@ from megagpt.parallel.batches import Microbatch, step_batches
 from megagpt.parallel.data_parallel import sync_every_microbatch
 from megagpt.parallel.dims import ParallelDims
 from megagpt.parallel.env import DistributedEnv
+from megagpt.parallel.loss_scale import DynamicLossScaler
 from megagpt.parallel.optimizer import Optimizers, build_optimizer
 from megagpt.parallel.precision import autocast_for, resolve_precision
 from megagpt.parallel.scoring import row_statistics
@@ -52,9 +59,9 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 class ScaledLoss:
     """The pipeline schedule's loss: a microbatch's summed token loss times `scale`
-    (dp / N, set by the train module before each step; see the module docstring). While
-    `score_rows` is set (evaluation of downstream tasks, see scoring.py) it gives every
-    row's log-likelihood statistics instead."""
+    (dp / N, times the fp16 loss scale, set by the train module before each step; see
+    the module docstring). While `score_rows` is set (evaluation of downstream tasks,
+    see scoring.py) it gives every row's log-likelihood statistics instead."""
 
     def __init__(self):
         self.scale = 1.0
@@ -85,6 +92,9 @@ class TrainModule:
         self.stages, self.n_stages = list(stages), n_stages
         self.precision = resolve_precision(config, env.device)
         self.autocast = autocast_for(self.precision, env.device)
+        self.loss_scaler = (
+            DynamicLossScaler(config.train.loss_scale) if self.precision == "fp16" else None
+        )
         # One optimizer per part (pipeline stage), so checkpoints key its state by name.
         self.optimizers = Optimizers(
             [build_optimizer(p, config.optim, config.model.tie_embeddings) for p in parts]
@@ -122,6 +132,21 @@ class TrainModule:
     def _loss_context(self):
         return loss_parallel() if self.dims.tensor_enabled else contextlib.nullcontext()
 
+    @property
+    def loss_scale(self) -> float | None:
+        """The fp16 loss scale now (None at other precisions)."""
+        return self.loss_scaler.scale if self.loss_scaler is not None else None
+
+    def loss_scale_state(self) -> dict | None:
+        """The loss scaler's state for the checkpoint's metadata (None: no scaler)."""
+        return self.loss_scaler.state_dict() if self.loss_scaler is not None else None
+
+    def load_loss_scale_state(self, state: dict | None) -> None:
+        """Restore what `loss_scale_state` returned; a checkpoint saved at another
+        precision (None) leaves the scaler at train.loss_scale.initial_scale."""
+        if self.loss_scaler is not None and state is not None:
+            self.loss_scaler.load_state_dict(state)
+
     # ------------------------------------------------------------------ steps
     def supervised_tokens(self, batches: list[Microbatch]) -> int:
         """N: the trained tokens of the global batch, over every data-parallel rank."""
@@ -153,11 +178,12 @@ class TrainModule:
         seeded once per step.
         """
         tokens, rows = self.global_counts(batches)
-        scale = self.dp_size / max(1, tokens)
+        loss_scale = self.loss_scale or 1.0  # divided out again below and in `update`
+        scale = self.dp_size / max(1, tokens) * loss_scale
         if self.schedule is not None:
             if seeds:
                 torch.manual_seed(seeds[0])
-            return self._pipeline(batches, scale, train=True)
+            return self._pipeline(batches, scale, train=True) / loss_scale
         total = torch.zeros((), device=self.env.device)
         part = self.parts[0]
         every = sync_every_microbatch(self.dims.zero_stage)
@@ -169,7 +195,8 @@ class TrainModule:
             with self._loss_context():
                 with self.autocast():
                     if batch.labels is not None:
-                        loss = self._classification_loss(batch, scale, self.dp_size / max(1, rows))
+                        row_scale = self.dp_size / max(1, rows) * loss_scale
+                        loss = self._classification_loss(batch, scale, row_scale)
                     else:
                         loss = part(
                             batch.inputs, batch.targets, reduction="sum", **batch.model_kwargs()
@@ -177,7 +204,7 @@ class TrainModule:
                         loss = loss * scale
                 loss.backward()
             total += local(loss.detach())
-        return total
+        return total / loss_scale
 
     def _classification_loss(
         self, batch: Microbatch, token_scale: float, row_scale: float
@@ -284,6 +311,41 @@ class TrainModule:
         return float(value) / (self.dims.dp * self.dims.tp)
 
     # ------------------------------------------------------------------ updates
+    def update(self, lr: float, max_norm: float) -> float:
+        """Clip the gradients to `max_norm` (0: no clipping) by their global norm, unscale
+        them (fp16) and step the optimizers at `lr`; return that norm, unscaled.
+
+        A norm that is not finite (an fp16 overflow, or NaN) skips the step: the
+        gradients are dropped and nothing is updated; under fp16 the scale backs off.
+        """
+        loss_scale = self.loss_scale or 1.0
+        self.sync_tied_gradients()
+        norm = self.grad_norm() / loss_scale
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self._unscale_and_clip(norm, max_norm, loss_scale)
+            self.optimizer_step(lr)
+        else:
+            self.zero_grad()
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow=not finite)
+        return float(norm)
+
+    def _unscale_and_clip(self, norm: torch.Tensor, max_norm: float, loss_scale: float) -> None:
+        """Multiply every gradient once by min(1, max_norm / norm) / loss_scale (the
+        clip coefficient is torch's clip_grads_with_norm_'s)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads or (max_norm <= 0 and loss_scale == 1.0):
+            return
+        factor = torch.full((), 1.0 / loss_scale, device=norm.device)
+        if max_norm > 0:
+            factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0) / loss_scale
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for grad in grads:
+            by_device.setdefault(grad.device, []).append(grad)
+        for device, group in by_device.items():
+            torch._foreach_mul_(group, factor.to(device))
+
     def optimizer_step(self, lr: float) -> None:
         self.optimizers.set_lr(lr)
         self.optimizers.step()
@@ -317,9 +379,9 @@ class TrainModule:
         if self._tied_group is not None and param is not None and param.grad is not None:
             dist.all_reduce(local(param.grad), group=self._tied_group)
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip by the norm of all gradients of the whole model; return that norm."""
-        self.sync_tied_gradients()
+    def grad_norm(self) -> torch.Tensor:
+        """The norm of all gradients of the whole model, as they are (scaled under fp16),
+        the same on every rank; after sync_tied_gradients."""
         params = [p for p in self.parameters() if p.grad is not None]
         # The last stage's copy of a tied embedding is counted once, on the first stage.
         counted = [p for p in params if not (self._tied_param is p and not self.has_first_stage)]
@@ -330,7 +392,15 @@ class TrainModule:
             squared = norm.pow(2)
             dist.all_reduce(squared, group=self.mesh.get_group("pp"))
             norm = squared.sqrt()
+        return norm
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the norm of all gradients of the whole model; return that norm (of
+        the gradients as they are: under fp16 `update` unscales them too)."""
+        self.sync_tied_gradients()
+        norm = self.grad_norm()
         if max_norm > 0:
+            params = [p for p in self.parameters() if p.grad is not None]
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return norm
 

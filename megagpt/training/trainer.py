@@ -30,8 +30,10 @@ from megagpt.errors import INTERRUPTED_EXIT_CODE, MegagptError
 from megagpt.model.flops import flops_per_token, parameter_counts
 from megagpt.parallel import init_distributed, shutdown_distributed
 from megagpt.parallel.batches import dropout_seed, microbatch_indices, step_batches
+from megagpt.parallel.deepspeed_engine import check_deepspeed_settings
+from megagpt.parallel.dims import native_cpu_offload
 from megagpt.parallel.env import collective_timeout_s
-from megagpt.parallel.memory import log_memory, memory_bytes
+from megagpt.parallel.memory import log_memory, log_module_memory, memory_bytes
 from megagpt.parallel.parallelize import parallelize
 from megagpt.planning.startup import startup_plan
 from megagpt.tokenizer import Tokenizer
@@ -68,7 +70,9 @@ def train(config: Config, hooks: Sequence[EvaluationHook] = ()) -> TrainResult:
         apply_init(config)  # the model's shape and tokenizer come from the weights
     _check_tokenizer(config)
     timeout = config.train.collective_timeout_s or collective_timeout_s()
-    env = init_distributed(config.train.device, timeout_s=timeout)
+    env = init_distributed(
+        config.train.device, timeout_s=timeout, cpu_collectives=native_cpu_offload(config)
+    )
     setup_logging(env.rank, config.logging.level, config.logging.all_ranks)
     try:
         with locked_outputs(config, env):  # one run per output directory
@@ -118,15 +122,18 @@ class Trainer:
             config.model.hidden_size,
             config.model.n_heads,
         )
+        check_deepspeed_settings(config, env.device)  # installed, NVMe directory usable
         self.plan = startup_plan(config, env.world_size, env.device)
         self.module = parallelize(config, env)
-        log_memory(
+        log_module_memory(
             "at start-up (gradients and optimizer state as they will be)",
-            memory_bytes(self.module, expected=True),
+            self.module,
+            expected=True,
         )
         root = Path(config.checkpoint.dir or self.output_dir / "checkpoints")
         self.checkpointer = Checkpointer(config, self.module, root, env.is_main)
         self.nan_skips = 0
+        self.overflow_skips = 0  # fp16 steps skipped as the loss scale backed off
         self.start_step, self.sample_offset = self._resume()
         microbatches = t.global_batch_size // (t.micro_batch_size * self.module.dp_size)
         log.info(
@@ -185,6 +192,8 @@ class Trainer:
             return 0, 0
         metadata = self.checkpointer.load(point)
         self.nan_skips = int(metadata.get("nan_skips", 0))
+        self.overflow_skips = int(metadata.get("overflow_skips", 0))
+        self.module.load_loss_scale_state(metadata.get("loss_scale"))
         self.overfitting.restore(metadata)
         step = int(metadata["step"])
         consumed = int(metadata["consumed_samples"])
@@ -264,7 +273,7 @@ class Trainer:
         t = self.config.train
         if not result.memory:
             result.memory = memory_bytes(self.module)
-            log_memory("after the first step", result.memory, self.env.device)
+            log_module_memory("after the first step", self.module)
             if self.plan is not None:
                 pp_rank = self.env.rank // (self.module.dims.tp * self.module.dims.dp)
                 planned = self.plan.memory[pp_rank]
@@ -300,35 +309,57 @@ class Trainer:
         seeds = [dropout_seed(t.seed, int(i[0])) for i in indices]
         batches = step_batches(self.datasets.train, step, module, self.config, self.sample_offset)
         loss = module.global_mean(module.train_step(batches, seeds))
-        grad_norm = float(module.clip_grad_norm_(self.config.optim.grad_clip))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # Loss and norm are global, so every rank takes the same branch.
-            if self.nan_skips < t.max_nan_skips:
-                self.nan_skips += 1
-                module.zero_grad()
-                log.warning(
-                    "step %d: loss %s, gradient norm %s; skipped without an update "
-                    "(%d of train.max_nan_skips = %d)",
-                    step + 1,
-                    loss,
-                    grad_norm,
-                    self.nan_skips,
-                    t.max_nan_skips,
-                )
-                return None
-            raise NonFiniteLossError(
-                f"step {step + 1}: loss is {loss}, gradient norm {grad_norm}; stopped before "
-                "the update, and nothing from this step was saved. Lower optim.lr, raise "
-                "optim.warmup_steps, or check the data"
-                + (
-                    f" ({self.nan_skips} earlier steps were skipped, train.max_nan_skips)."
-                    if t.max_nan_skips
-                    else "; train.max_nan_skips lets a few steps be skipped."
-                )
-            )
+        scale = module.loss_scale  # the scale this step ran at (None: not fp16)
         self.checkpointer.before_update()  # a save may still be reading the weights
-        module.optimizer_step(lr)
-        return loss, grad_norm
+        grad_norm = module.update(lr, self.config.optim.grad_clip)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return loss, grad_norm
+        # Loss and norm are global, so every rank takes the same branch. A non-finite
+        # norm means `update` applied nothing; a non-finite loss alone does not stop it.
+        applied = math.isfinite(grad_norm)
+        if self._is_overflow(loss, grad_norm, scale):
+            self.overflow_skips += 1
+            log.info(
+                "step %d: fp16 gradients overflowed at loss scale %g; step skipped, scale "
+                "now %g (%d overflow skips so far)",
+                step + 1,
+                scale,
+                module.loss_scale,
+                self.overflow_skips,
+            )
+            return None
+        if self.nan_skips < t.max_nan_skips:
+            self.nan_skips += 1
+            module.zero_grad()
+            log.warning(
+                "step %d: loss %s, gradient norm %s; %s (%d of train.max_nan_skips = %d)",
+                step + 1,
+                loss,
+                grad_norm,
+                "update applied, loss not counted" if applied else "skipped without an update",
+                self.nan_skips,
+                t.max_nan_skips,
+            )
+            return None
+        raise NonFiniteLossError(
+            f"step {step + 1}: loss is {loss}, gradient norm {grad_norm}; stopped "
+            f"{'after' if applied else 'before'} the update, and nothing from this step was "
+            "saved. Lower optim.lr, raise optim.warmup_steps, or check the data"
+            + (
+                f" ({self.nan_skips} earlier steps were skipped, train.max_nan_skips)."
+                if t.max_nan_skips
+                else "; train.max_nan_skips lets a few steps be skipped."
+            )
+        )
+
+    def _is_overflow(self, loss: float, grad_norm: float, scale: float | None) -> bool:
+        """A non-finite step that fp16 loss scaling explains, and handles by backing off:
+        the gradients overflowed (their norm is infinite, or NaN from a finite loss),
+        at a scale above train.loss_scale.min_scale. At the floor, or with a NaN loss,
+        the run itself has gone wrong and train.max_nan_skips applies."""
+        if scale is None or scale <= self.config.train.loss_scale.min_scale:
+            return False
+        return math.isfinite(loss) or math.isinf(grad_norm)
 
     def _log(self, done: int, loss: float, lr: float, grad_norm: float, metrics: dict) -> None:
         t, device = self.config.train, self.env.device
@@ -337,16 +368,24 @@ class Trainer:
         tokens_per_s = self.window_steps * self.tokens_per_step / elapsed
         mfu = self._mfu(self.window_steps * self.step_flops / elapsed)
         eta = (now - self.started) / (done - self.start_step) * (t.max_steps - done)
+        # Written beside the evaluation's `metrics`, not into them: the caller hands
+        # those to evaluation hooks and checkpoint.keep_best afterwards.
+        extra = {}
         if device.type == "cuda":
-            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            extra["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        scaling = ""
+        if self.module.loss_scale is not None:
+            extra.update(loss_scale=self.module.loss_scale, overflow_skips=self.overflow_skips)
+            scaling = f" | loss scale {self.module.loss_scale:g} ({self.overflow_skips} overflows)"
         log.info(
-            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %s tok/s | MFU %s%.1f%% | "
+            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f%s | %s tok/s | MFU %s%.1f%% | "
             "elapsed %s | ETA %s",
             done,
             t.max_steps,
             loss,
             lr,
             grad_norm,
+            scaling,
             format_rate(tokens_per_s),
             "~" if self.peak.measured else "",
             100 * mfu,
@@ -361,6 +400,7 @@ class Trainer:
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "mfu": mfu,
+                **extra,
                 **metrics,
             },
         )
@@ -401,6 +441,8 @@ class Trainer:
                 "world_size": self.env.world_size,
                 "layout": layout,
                 "nan_skips": self.nan_skips,
+                "overflow_skips": self.overflow_skips,
+                "loss_scale": self.module.loss_scale_state(),  # None: not fp16
                 **({"metrics": dict(metrics)} if metrics else {}),  # for checkpoint.keep_best
                 **self.overfitting.state(),  # the gap's window, early stopping's record
             },

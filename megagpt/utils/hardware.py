@@ -8,15 +8,24 @@ from dataclasses import dataclass
 
 import torch
 
-# Dense bf16 tensor-core peak (TFLOP/s) from the vendors' data sheets, SXM parts.
-_GPU_BF16_TFLOPS = {
+# Dense half-precision tensor-core peak (TFLOP/s) from the vendors' data sheets, SXM
+# parts: bf16's, which equals fp16's on every part that has bf16; fp16's on V100 and T4.
+_GPU_HALF_TFLOPS = {
     "H200": 989.4,
     "H100": 989.4,
     "A100": 312.0,
     "L40S": 362.1,
     "A10G": 70.0,
     "L4": 121.0,
+    "V100": 125.0,
+    "T4": 65.0,
 }
+
+# fp32 peak of parts without TF32 tensor cores (the others run fp32 at half the
+# half-precision rate).
+_GPU_FP32_TFLOPS = {"V100": 15.7, "T4": 8.1}
+
+_MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 MEASURE_SECONDS = 0.5
 """How long the matmul peak is measured for; its best moment counts."""
@@ -42,10 +51,11 @@ def device_peak(device: torch.device, precision: str, configured: float | None) 
         return Peak(configured, "logging.peak_tflops")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tflops in _GPU_BF16_TFLOPS.items():
+        for key, tflops in _GPU_HALF_TFLOPS.items():
             if key in name:
-                # fp32 runs on TF32 tensor cores at half the bf16 rate.
-                return Peak(tflops if precision == "bf16" else tflops / 2, f"{key} data sheet")
+                if precision in _MATMUL_DTYPES:
+                    return Peak(tflops, f"{key} data sheet")
+                return Peak(_GPU_FP32_TFLOPS.get(key, tflops / 2), f"{key} data sheet")
     threads = torch.get_num_threads()
     tflops = measured_matmul_tflops(device, precision, threads)
     return Peak(tflops, f"measured {precision} matmul peak on {threads} threads, approximate")
@@ -57,7 +67,7 @@ def measured_matmul_tflops(device: torch.device, precision: str, threads: int) -
     the mean: on a shared machine other work slows some of them down, and a peak that
     comes out low makes MFU come out high. `threads` keys the cache: it is the number
     torch uses now, which the measurement runs on."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = _MATMUL_DTYPES.get(precision, torch.float32)
     n = 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
