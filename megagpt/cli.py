@@ -229,17 +229,18 @@ def _add_setup(sub) -> None:
     parts = p.add_subparsers(dest="part", required=True)
     parts.add_parser(
         "deepspeed",
-        help="build DeepSpeed's CPU Adam extension once (for parallel.offload_optimizer "
-        "on the deepspeed engine); runs never compile it themselves",
+        help="build DeepSpeed's CPU Adam and async_io (NVMe offload) extensions once; "
+        "runs never compile them themselves",
     )
 
 
 def _setup(args) -> None:
-    from megagpt.parallel.deepspeed_ops import build_cpu_adam
+    from megagpt.parallel.deepspeed_ops import build_ops
     from megagpt.utils.logging import setup_logging
 
     setup_logging(0, "INFO")
-    print(f"DeepSpeed's CPU Adam is built in {build_cpu_adam()}")
+    for name, outcome in build_ops().items():
+        print(f"DeepSpeed {name}: {outcome}")
 
 
 def _export(args) -> None:

@@ -10,6 +10,7 @@ DeepSpeed costs seconds per process.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 from megagpt.checkpoint import CheckpointError
 from megagpt.checkpoint.inference import consolidated_state_dict
 from megagpt.config import ConfigError, apply_overrides
+from megagpt.parallel.deepspeed_ops import op_built
 from megagpt.testing import run_distributed
 from megagpt.training.trainer import train
 
@@ -55,6 +57,12 @@ def final_weights(out) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(out)[0]
 
 
+def validation_loss(out) -> float:
+    """The run's (last) evaluation, as metrics.jsonl has it."""
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [m["val_loss"] for m in metrics if "val_loss" in m][-1]
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -67,9 +75,11 @@ ZERO_MODES = [(stage, offload) for stage in (1, 2, 3) for offload in ("none", "c
 @pytest.mark.slow
 def test_zero_stages_with_and_without_offload_match_one_process(tiny_config, tmp_path):
     """DeepSpeed ZeRO-1/2/3, each with the optimizer in host memory or not (and ZeRO-3
-    with the parameters there too), on 2 ranks: 5 steps with the losses and weights of
-    the native engine on one process."""
-    reference = config_for(tiny_config, tmp_path / "reference", "train.max_steps=5")
+    with the parameters there too), on 2 ranks: 5 steps with the losses, weights and
+    validation loss of the native engine on one process. (The offloaded optimizer is
+    DeepSpeed's CPU Adam where `megagpt setup deepspeed` built it, else torch's AdamW.)"""
+    evaluate = ["train.max_steps=5", "train.eval_interval=5"]
+    reference = config_for(tiny_config, tmp_path / "reference", *evaluate)
     expected = train(reference).losses
     configs, names = [], []
     for stage, offload in ZERO_MODES:
@@ -78,18 +88,20 @@ def test_zero_stages_with_and_without_offload_match_one_process(tiny_config, tmp
             extra.append("parallel.offload_params=cpu")
         name = f"zero{stage}-{offload}"
         names.append(name)
-        configs.append(config_for(tiny_config, tmp_path / name, "train.max_steps=5", *DS, *extra))
+        configs.append(config_for(tiny_config, tmp_path / name, *evaluate, *DS, *extra))
     results = run_all(configs, world=2)
     weights = final_weights(tmp_path / "reference")
+    val_loss = validation_loss(tmp_path / "reference")
     for name, losses in zip(names, results):
         torch.testing.assert_close(
             torch.tensor(losses), torch.tensor(expected), **TOLERANCE, msg=name
         )
         assert_same_weights(final_weights(tmp_path / name), weights)
+        assert validation_loss(tmp_path / name) == pytest.approx(val_loss, rel=1e-5)
 
 
 @pytest.mark.slow
-def test_checkpoints_cross_engines_and_resume_exactly(tiny_config, tmp_path):
+def test_checkpoints_cross_engines_and_resume_exactly(tiny_config, tmp_path, caplog):
     """DeepSpeed dp2 ZeRO-3 -> native dp1, and native dp2 ZeRO-1 -> DeepSpeed dp1 with
     an offloaded optimizer, each within 1e-5 of an uninterrupted native run; and a
     DeepSpeed run resumed on its own layout is bit for bit the uninterrupted one."""
@@ -132,6 +144,8 @@ def test_checkpoints_cross_engines_and_resume_exactly(tiny_config, tmp_path):
             "parallel.offload_optimizer=cpu",
         )
     ).losses
+    # Where DeepSpeed keeps each kind, at start-up (one process: logged here).
+    assert re.search(r"at start-up.* optimizer_state [\d.]+ MiB \(host, offloaded\)", caplog.text)
     for losses in (native_from_ds, ds_from_native):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(whole[3:]), **TOLERANCE)
     torch.testing.assert_close(torch.tensor(native_dp2), torch.tensor(whole), **TOLERANCE)
@@ -279,3 +293,34 @@ def test_fp16_with_dynamic_loss_scaling_on_deepspeed(tiny_config, tmp_path):
     assert skipped >= 1
     assert metrics[-1]["overflow_skips"] == skipped
     assert metrics[-1]["loss_scale"] == 2.0 ** (20 - skipped)
+
+
+@pytest.mark.slow
+def test_nvme_offload_matches_one_process_or_says_how_to_build_it(tiny_config, tmp_path):
+    """ZeRO-3 with parameters and optimizer state offloaded to NVMe (a directory here)
+    trains as one process does, where DeepSpeed's async_io op is built (`megagpt setup
+    deepspeed`, with libaio-dev). Where it is not (CI: building it costs ~5 minutes),
+    the run is refused at start-up saying how to build it, before anything is written."""
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    config = config_for(
+        tiny_config,
+        tmp_path / "nvme-run",
+        "train.max_steps=5",
+        *DS,
+        "parallel.zero_stage=3",
+        "parallel.offload_optimizer=nvme",
+        "parallel.offload_params=nvme",
+        f"parallel.nvme_path={nvme}",
+    )
+    if not op_built("async_io"):
+        with pytest.raises(ConfigError, match="async_io extension.*megagpt setup deepspeed"):
+            train(config)
+        assert not (tmp_path / "nvme-run" / "checkpoints").exists()
+        return
+    expected = train(config_for(tiny_config, tmp_path / "reference", "train.max_steps=5")).losses
+    losses = run_all([config], world=2)[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), **TOLERANCE)
+    assert_same_weights(final_weights(tmp_path / "nvme-run"), final_weights(tmp_path / "reference"))
+    # DeepSpeed's swap folders for parameters and optimizer state (files go at exit).
+    assert {p.name for p in (nvme / "zero_stage_3").iterdir()} >= {"optimizer", "float32params"}

@@ -31,7 +31,7 @@ from megagpt.config import Config, ConfigError
 from megagpt.model.build import build_meta_model
 from megagpt.parallel.batches import Microbatch
 from megagpt.parallel.deepspeed_config import deepspeed_config
-from megagpt.parallel.deepspeed_ops import cpu_adam_built
+from megagpt.parallel.deepspeed_ops import cpu_adam_built, op_built
 from megagpt.parallel.dims import ParallelDims, device_type
 from megagpt.parallel.env import DistributedEnv
 from megagpt.parallel.init import materialize_shards
@@ -78,6 +78,12 @@ def check_deepspeed_settings(config: Config, device: torch.device) -> None:
             raise ConfigError(
                 f"parallel.nvme_path = {p.nvme_path!r} is not writable by this user; "
                 "choose a directory you can write, or offload to cpu"
+            )
+        if not op_built("async_io"):
+            raise ConfigError(
+                "nvme offload (parallel.offload_optimizer/offload_params) needs DeepSpeed's "
+                "async_io extension, which is not built in this environment: run `megagpt "
+                "setup deepspeed` once (with libaio-dev installed), or offload to cpu"
             )
 
 
@@ -222,14 +228,24 @@ class DeepSpeedTrainModule(TrainModule):
         return float(self.engine.optimizer.loss_scale)
 
     def loss_scale_state(self) -> dict | None:
+        """DeepSpeed's dynamic scaler in the native scaler's terms (loss_scale.py), so
+        an fp16 checkpoint carries its scale across engines."""
         if self.precision != "fp16":
             return None
         scaler = self.engine.optimizer.loss_scaler
-        return {"scale": float(scaler.cur_scale), "good_steps": int(scaler.cur_iter)}
+        return {
+            "scale": float(scaler.cur_scale),
+            "good_steps": max(0, scaler.cur_iter - scaler.last_overflow_iter - 1),
+            "hysteresis_left": int(scaler.cur_hysteresis),
+        }
 
     def load_loss_scale_state(self, state: dict | None) -> None:
-        if state and self.precision == "fp16":
-            self.engine.optimizer.loss_scaler.cur_scale = float(state["scale"])
+        if not state or self.precision != "fp16":
+            return
+        scaler = self.engine.optimizer.loss_scaler
+        scaler.cur_scale = float(state["scale"])
+        scaler.cur_hysteresis = int(state["hysteresis_left"])
+        scaler.last_overflow_iter = scaler.cur_iter - 1 - int(state["good_steps"])
 
 
 class DeepSpeedOptimizers:
