@@ -57,6 +57,8 @@ def _describe(plan: Plan) -> list[str]:
     for rank, memory in enumerate(plan.memory):
         parts = "  ".join(_gib(memory[k]) for k in MEMORY_PARTS)
         lines.append(f"    {rank:>3}  {parts}  {_gib(memory['total'])}")
+        if memory["host"]:
+            lines.append("         (parameters, gradients, optimizer state in host memory)")
     lines.append(f"  capacity {_gib(plan.capacity)} GiB")
     t = plan.time
     lines.append(
@@ -64,6 +66,7 @@ def _describe(plan: Plan) -> list[str]:
         "+ pipeline p2p {pipeline_p2p_s:.3f} + bubble {bubble_s:.3f} + data (exposed) "
         "{data_parallel_exposed_s:.3f} of {data_parallel_s:.3f} "
         "+ optimizer {optimizer_s:.4f}".format(**t)
+        + (" + offload copies {offload_s:.3f}".format(**t) if t["offload_s"] else "")
     )
     lines.append(f"  {t['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU {t['mfu']:.1%}")
     lines += [f"  ({note})" for note in plan.notes]
@@ -83,6 +86,8 @@ def _train_command(config_name: str, layout: Layout, overrides: list[str], gpus_
     if layout.pp > 1:
         settings.append(f"parallel.pipeline_schedule={layout.schedule}")
         settings.append(f"parallel.virtual_stages={layout.vp}")
+    if layout.offload:
+        settings.append("parallel.offload_optimizer=cpu")
     nodes = math.ceil(layout.world_size / gpus_per_node)
     per_node = min(layout.world_size, gpus_per_node)
     return (

@@ -43,10 +43,30 @@ def test_layout_strings():
         ("tp=two", "must be an integer"),
         ("ac=some", "use one of none, selective, full"),
         ("cp=2", "no context parallelism"),
+        ("offload=nvme", "use cpu or none"),
         ("colour=blue", "expected key=value"),
     ):
         with pytest.raises(ConfigError, match=words):
             parse_layout(text, 64)
+
+
+def test_offloaded_states_are_in_host_memory_and_cost_copies():
+    """offload=cpu (the native engine's FSDP2 offload): parameters, gradients and
+    optimizer state move from the GPU's total to host memory; FSDP2 computes on gathered
+    copies (buffers); the step pays the host copies and AdamW on the host."""
+    config = load_config("gpt3-13b")
+    gpu = find_accelerator("h100-80gb", load_accelerators())
+    layout = parse_layout("tp=4,zero=1,ac=full", 8)
+    offloaded = parse_layout(str(layout) + ",offload=cpu", 8)
+    assert offloaded.offload and parse_layout(str(offloaded), 8) == offloaded
+    assert Layout.from_config(apply_layout(config, offloaded), 8) == offloaded
+    on_gpu, on_host = plan_layout(config, layout, gpu, 8), plan_layout(config, offloaded, gpu, 8)
+    a, b = on_gpu.memory[0], on_host.memory[0]
+    states = sum(a[k] for k in ("parameters", "gradients", "optimizer_state"))
+    assert a["host"] == 0 and b["host"] == states
+    assert b["total"] - b["margin"] == a["total"] - a["margin"] - states
+    assert on_gpu.time["offload_s"] == 0 < on_host.time["offload_s"]
+    assert on_host.time["step_s"] > on_gpu.time["step_s"]
 
 
 def test_layouts_megagpt_refuses_are_refused_with_its_message():
@@ -193,6 +213,8 @@ MEASURED_LAYOUTS = [
     ({"parallel.zero_stage": 3}, 2),
     ({"parallel.zero_stage": 1, "parallel.activation_checkpointing": "selective"}, 2),
     ({"parallel.zero_stage": 2}, 2),
+    # the native engine's CPU offload: the same states, in host memory
+    ({"parallel.zero_stage": 1, "parallel.offload_optimizer": "cpu"}, 2),
     # bf16 autocast: the weight copies it keeps for backward count as activations
     ({"train.precision": "bf16"}, 1),
     ({**PIPELINE, "parallel.pipeline_parallel_size": 2, "train.precision": "bf16"}, 2),

@@ -46,6 +46,12 @@ class Accelerator:
     achievable: float = 0.6
     latency_us: float = 15.0
     """Fixed cost of one collective or send (NCCL's small-message latency, roughly)."""
+    host_gbps: float = 25.0
+    """Host <-> GPU copy bandwidth per GPU, for CPU offload (PCIe gen4 x16 in practice;
+    gen5 ~50)."""
+    host_adam_gparams: float = 1.0
+    """Billions of parameters per second that AdamW updates in host memory for one GPU's
+    share (torch's fused CPU kernel: ~0.8 on 2 cores here; scale with the cores per GPU)."""
     note: str = ""
 
     @property

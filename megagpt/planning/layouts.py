@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from megagpt.config import Config, ConfigError, validate_config, validate_world_size
+from megagpt.parallel.dims import native_cpu_offload
 
 AC_MODES = ("none", "selective", "full")
 
@@ -28,6 +29,7 @@ class Layout:
     ac: str = "none"
     mbs: int = 1
     schedule: str = "1f1b"
+    offload: bool = False  # the native engine's CPU offload (FSDP2): states in host memory
 
     @property
     def world_size(self) -> int:
@@ -41,6 +43,8 @@ class Layout:
             text += ",sp=1"
         if self.pp > 1:
             text += f",schedule={self.schedule}" + (f",vp={self.vp}" if self.vp > 1 else "")
+        if self.offload:
+            text += ",offload=cpu"
         return text
 
     @classmethod
@@ -57,11 +61,12 @@ class Layout:
             ac=p.activation_checkpointing,
             mbs=config.train.micro_batch_size,
             schedule=p.pipeline_schedule,
+            offload=native_cpu_offload(config),
         )
 
 
 _INT_KEYS = {"tp", "pp", "dp", "vp", "zero", "mbs", "cp", "ep"}
-_KEYS = _INT_KEYS | {"ac", "sp", "schedule"}
+_KEYS = _INT_KEYS | {"ac", "sp", "schedule", "offload"}
 
 
 def parse_layout(text: str, world_size: int, base: Layout | None = None) -> Layout:
@@ -80,6 +85,10 @@ def parse_layout(text: str, world_size: int, base: Layout | None = None) -> Layo
                 raise ConfigError(f"--layout {key}={value!r}: must be an integer") from None
         elif key == "sp":
             values[key] = value.lower() in ("1", "true", "yes", "on")
+        elif key == "offload":
+            if value not in ("cpu", "none"):
+                raise ConfigError(f"--layout offload={value!r}: use cpu or none")
+            values[key] = value == "cpu"
         else:
             values[key] = value
     for key in ("cp", "ep"):
@@ -119,6 +128,8 @@ def apply_layout(config: Config, layout: Layout) -> Config:
         sequence_parallel=layout.sp,
         activation_checkpointing=layout.ac,
         pipeline_schedule=layout.schedule if layout.pp > 1 else "1f1b",
+        offload_optimizer="cpu" if layout.offload else "none",
+        offload_params="none",
     )
     train = dataclasses.replace(config.train, micro_batch_size=layout.mbs)
     new = dataclasses.replace(config, parallel=parallel, train=train)

@@ -6,7 +6,9 @@ plus what exists only during a step: `buffers` = ZeRO's gathered parameters and
 unsharded gradients (stages 1-2 hold the stage's parameters whole from forward to
 backward, stage 1 its gradients too; stage 3 two blocks at a time) and two blocks'
 worth of collective buffers; then a margin
-for the allocator's fragmentation and the CUDA/NCCL context.
+for the allocator's fragmentation and the CUDA/NCCL context. With the native engine's
+CPU offload (`offload=cpu`) parameters, gradients and optimizer state are in host memory
+(`host`, not in the GPU's total) and FSDP2 computes on gathered copies (buffers).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from megagpt.planning.memory import (
 )
 from megagpt.planning.step_time import ACTIVATION_BYTES, step_time
 
+STATES = ("parameters", "gradients", "optimizer_state")
 CONTEXT_BYTES = 2**30  # CUDA context, NCCL and cuBLAS workspaces: about 1 GiB per GPU
 MARGIN = 0.05  # of the rest: the caching allocator's fragmentation
 
@@ -62,11 +65,12 @@ def _buffers(config: Config, layout: Layout, pp_rank: int, precision: str) -> in
     layers = max(1, config.model.n_layers // (layout.pp * layout.vp)) * layout.vp
     block = whole / layers
     gathered = 0.0
-    if layout.zero in (1, 2):
+    if layout.zero in (1, 2) or (layout.offload and layout.zero == 0):
         gathered = whole
     elif layout.zero == 3:
         gathered = 2 * block
-    unsharded_grads = whole if layout.zero == 1 else (2 * block if layout.zero >= 2 else 0)
+    zero = 1 if layout.offload and layout.zero == 0 else layout.zero  # FSDP2 computes on copies
+    unsharded_grads = whole if zero == 1 else (2 * block if zero >= 2 else 0)
     collectives = 2 * block if layout.dp > 1 else 0.0
     return int(gathered + unsharded_grads + collectives)
 
@@ -88,9 +92,12 @@ def plan_layout(
         rank = model_state_bytes(config, layout, pp_rank)
         rank["activations"] = activation_bytes(config, layout, calibrations[layout.ac], pp_rank)
         rank["buffers"] = _buffers(config, layout, pp_rank, precision)
-        subtotal = sum(rank.values())
+        # Offloaded, the states live in host memory: shown, but not in the GPU's total.
+        host = sum(rank[k] for k in STATES) if layout.offload else 0
+        subtotal = sum(rank.values()) - host
         rank["margin"] = int(MARGIN * subtotal) + context_bytes
         rank["total"] = subtotal + rank["margin"]
+        rank["host"] = host
         memory.append(rank)
     notes = [
         f"compute at {matmul_tflops or gpu.bf16_tflops * gpu.achievable:.3g} TFLOP/s "

@@ -43,19 +43,12 @@ def _this_machine(device: torch.device, local_ranks: int) -> tuple[Accelerator, 
 def startup_plan(config: Config, world_size: int, device: torch.device) -> Plan | None:
     """The plan of this run's layout on this machine; a ConfigError if it cannot fit
     (unless train.memory_check is off). None where the planner does not model the run
-    (LoRA: frozen weights have no gradients or optimizer state; DeepSpeed and offload)."""
+    (LoRA: frozen weights have no gradients or optimizer state; DeepSpeed)."""
     if config.finetune.lora.rank:
         log.info("plan: not made for LoRA runs (the planner counts every weight as trained)")
         return None
-    p = config.parallel
-    if p.engine != "native" or (p.offload_optimizer, p.offload_params) != ("none", "none"):
-        log.info(
-            "plan: not made for the %s engine with offload %s/%s (the planner models "
-            "device-resident states of the native engine)",
-            p.engine,
-            p.offload_optimizer,
-            p.offload_params,
-        )
+    if config.parallel.engine != "native":
+        log.info("plan: not made for the deepspeed engine (the planner models FSDP2's)")
         return None
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     gpu, context = _this_machine(device, local_ranks)
@@ -78,6 +71,12 @@ def startup_plan(config: Config, world_size: int, device: torch.device) -> Plan 
         *(worst[k] / GIB for k in ("parameters", "gradients", "optimizer_state")),
         *(worst[k] / GIB for k in ("activations", "buffers", "margin")),
     )
+    if worst["host"]:
+        log.info(
+            "plan: parameters, gradients and optimizer state offloaded: %.2f GiB per rank in "
+            "host memory",
+            worst["host"] / GIB,
+        )
     if plan.fits or not config.train.memory_check:
         return plan
     others = search(config, world_size, gpu, local_ranks, context_bytes=context)[:3]

@@ -100,8 +100,13 @@ def step_time(
             bubble /= 3
     local_params = grads / 4 / (d if layout.zero > 0 else 1)
     optimizer = 28 * local_params / (gpu.memory_bandwidth_gbps * 1e9 * 0.8)
+    offload = 0.0
+    if layout.offload:  # FSDP2: shards copied in (each forward/backward pass), grads out
+        copies = 4 * local_params * (1 + (2 if layout.zero == 3 else 1) * microbatches)
+        offload = copies / (gpu.host_gbps * 1e9)
+        optimizer = local_params / (gpu.host_adam_gparams * 1e9)  # AdamW on the host
 
-    total = pipelined + exposed_data + bubble + optimizer
+    total = pipelined + exposed_data + bubble + optimizer + offload
     tokens_per_gpu = tokens_per_step / total / world
     mfu = flops_per_token(m, seq) * tokens_per_gpu / (gpu.bf16_tflops * 1e12)
     return {
@@ -112,7 +117,7 @@ def step_time(
         "data_parallel_exposed_s": exposed_data,
         "bubble_s": bubble,
         "optimizer_s": optimizer,
-        "offload_s": 0.0,
+        "offload_s": offload,
         "step_s": total,
         "tokens_per_s_per_gpu": tokens_per_gpu,
         "mfu": mfu,
