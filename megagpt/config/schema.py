@@ -12,6 +12,52 @@ from typing import Literal
 
 
 @dataclass
+class MoEConfig:
+    num_experts: int = 0
+    """Routed experts in each mixture-of-experts layer; 0 keeps every layer a dense MLP
+    (the default: the model, its checkpoints and exports are unchanged)."""
+
+    top_k: int = 2
+    """Routed experts each token is sent to (Mixtral: 2 of 8; Switch: 1)."""
+
+    shared_experts: int = 0
+    """Experts every token goes through besides its routed ones (DeepSeek's shared
+    experts), each as wide as a routed expert; computed as one MLP of their total width."""
+
+    expert_width: int | None = None
+    """Hidden width of one expert; None means model.mlp_width (the dense MLP's width).
+    Must be a multiple of 8: torch's grouped matmul needs 16-byte aligned bf16 rows."""
+
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    """How the router turns its logits into scores: softmax over the experts (Mixtral,
+    Switch) or an independent sigmoid per expert (DeepSeek-V3)."""
+
+    normalize_top_k: bool = True
+    """Rescale each token's top-k scores to sum to 1 before weighting the experts'
+    outputs (Mixtral, DeepSeek-V3). With top_k=1 and a softmax router this leaves the
+    router trained only by the auxiliary losses; set false for Switch's raw score."""
+
+    aux_loss_coeff: float = 0.01
+    """Weight of the Switch/Mixtral load-balancing loss E x sum_i f_i P_i (f_i: share of
+    the token-to-expert assignments, P_i: mean router probability of expert i), taken
+    per sequence; 0 disables it."""
+
+    z_loss_coeff: float = 0.0
+    """Weight of the router z-loss (ST-MoE): the mean squared log-sum-exp of the router
+    logits, which keeps them small; 0 disables it (ST-MoE uses 0.001)."""
+
+    bias_update_rate: float = 0.0
+    """DeepSeek-V3's auxiliary-loss-free balancing: each expert has a bias added to its
+    score for choosing the top-k only, moved by this much after every optimizer step,
+    up for experts that received fewer tokens than average and down for the others;
+    0 disables it (DeepSeek-V3 uses 0.001)."""
+
+    every_n_layers: int = 1
+    """Layer i (from 0) is a mixture-of-experts layer when (i + 1) is a multiple of
+    this; the others keep the dense MLP. 1: every layer; 2: every second layer."""
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 4096
     """Number of token ids the tokenizer produces (50257 for the GPT-2 tokenizer)."""
@@ -78,6 +124,9 @@ class ModelConfig:
     """Classes of a classification head on the final hidden state of each text's last
     token (GPT-1's fine-tuning); 0 for none. Set from the data by fine-tuning."""
 
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts layers in place of the dense MLP (model.moe.num_experts > 0)."""
+
     # Sizes derived from the fields above, computed here once for every consumer (the
     # model, validation, generation, Hugging Face conversion, the FLOP counter).
     @property
@@ -106,6 +155,15 @@ class ModelConfig:
             return 64 * -(-8 * self.hidden_size // (3 * 64))
         return 4 * self.hidden_size
 
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of one routed or shared expert: moe.expert_width, or mlp_width."""
+        return self.moe.expert_width or self.mlp_width
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block `index` (from 0) has a mixture of experts instead of the MLP."""
+        return self.moe.num_experts > 0 and (index + 1) % self.moe.every_n_layers == 0
+
 
 @dataclass
 class ParallelConfig:
@@ -115,6 +173,12 @@ class ParallelConfig:
 
     pipeline_parallel_size: int = 1
     """Ranks that each hold a contiguous slice of the layers (pipeline stages)."""
+
+    context_parallel_size: int = 1
+    """Ranks that split every sequence (context parallelism): each holds a head and a
+    tail chunk of it (balancing the causal work) and attention runs as a ring over
+    them. For long sequences; needs data.seq_len divisible by 2 x context_parallel_size,
+    no attention dropout, and plain text (fine-tuning and classification: use 1)."""
 
     data_parallel_size: int | None = None
     """Model replicas that split the global batch; None infers it as

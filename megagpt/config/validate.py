@@ -95,6 +95,45 @@ def validate_model(m: ModelConfig) -> None:
         _check(0.0 <= value < 1.0, f"model.{name}", value, "must be in [0, 1)")
     _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive")
     _check(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
+    validate_moe(m)
+
+
+def validate_moe(m: ModelConfig) -> None:
+    """The mixture-of-experts settings (nothing to check while num_experts is 0)."""
+    e = m.moe
+    _check(e.num_experts >= 0, "model.moe.num_experts", e.num_experts, "must be >= 0 (0: dense)")
+    if e.num_experts == 0:
+        return
+    _check(
+        1 <= e.top_k <= e.num_experts,
+        "model.moe.top_k",
+        e.top_k,
+        f"must be between 1 and model.moe.num_experts ({e.num_experts})",
+    )
+    _at_least_zero(e, "model.moe", shared_experts="none", aux_loss_coeff="off", z_loss_coeff="off")
+    _at_least_zero(e, "model.moe", bias_update_rate="no auxiliary-loss-free balancing")
+    _check(
+        1 <= e.every_n_layers <= m.n_layers,
+        "model.moe.every_n_layers",
+        e.every_n_layers,
+        f"must be between 1 (every layer) and model.n_layers ({m.n_layers}), or no layer "
+        "would have experts",
+    )
+    # torch._grouped_mm needs rows aligned to 16 bytes: 8 bf16 (or 4 fp32) values.
+    if e.expert_width is not None:
+        _check(e.expert_width >= 1, "model.moe.expert_width", e.expert_width, "must be >= 1")
+    for key, width in (
+        ("model.hidden_size", m.hidden_size),
+        ("model.moe.expert_width", m.expert_width),
+    ):
+        _check(
+            width % 8 == 0,
+            key,
+            width,
+            f"must be a multiple of 8 with model.moe.num_experts > 0 (the grouped matmul of "
+            f"the experts needs 16-byte aligned rows; an unset expert_width is the MLP's "
+            f"width); e.g. {8 * -(-width // 8)}",
+        )
 
 
 def validate_data(d: DataConfig, m: ModelConfig, model_known: bool = True) -> None:
@@ -221,6 +260,17 @@ def validate_parallel(config: Config) -> None:
         "must be 0 (plain data parallel), 1, 2 or 3",
     )
     _check_engine(config)
+    _check_context_parallel(config)
+    if m.moe.num_experts:  # the plans key on the dense MLP; expert parallelism comes later
+        for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+            size = getattr(p, key)
+            _check(
+                size == 1,
+                f"parallel.{key}",
+                size,
+                "must be 1 with mixture-of-experts layers (model.moe.num_experts > 0): they "
+                "run on one process or with data parallelism / ZeRO for now",
+            )
     tp = p.tensor_parallel_size
     for count, what in (
         (m.n_heads, f"model.n_heads ({m.n_heads})"),
@@ -278,6 +328,53 @@ def validate_parallel(config: Config) -> None:
             f"must be 1 with parallel.pipeline_schedule={p.pipeline_schedule!r}; "
             "use interleaved_1f1b or zero_bubble for several stages per rank",
         )
+
+
+def _check_context_parallel(config: Config) -> None:
+    """What context parallelism supports: plain causal text, split in 2 x cp chunks
+    (packed fine-tuning examples are refused when their batches arrive, see
+    megagpt.parallel.batches)."""
+    p, m = config.parallel, config.model
+    cp, key = p.context_parallel_size, "parallel.context_parallel_size"
+    _check(cp >= 1, key, cp, "must be >= 1 (1: no context parallelism)")
+    if cp == 1:
+        return
+    _check(
+        config.data.seq_len % (2 * cp) == 0,
+        "data.seq_len",
+        config.data.seq_len,
+        f"must be a multiple of 2 x parallel.context_parallel_size = {2 * cp} (each "
+        "context-parallel rank holds a head and a tail chunk of every sequence)",
+    )
+    for ok, requirement in (
+        (p.engine == "native", "needs parallel.engine=native (DeepSpeed has no ring attention)"),
+        (
+            m.attention_dropout == 0,
+            f"needs model.attention_dropout = 0 (it is {m.attention_dropout}): the ring "
+            "computes attention block by block",
+        ),
+        (
+            not m.num_labels,
+            "does not train classifiers (model.num_labels > 0); use "
+            "parallel.context_parallel_size=1 for fine-tuning",
+        ),
+        (
+            not m.moe.num_experts,
+            "must be 1 with mixture-of-experts layers (their load-balancing losses are "
+            "per sequence)",
+        ),
+        (
+            p.activation_checkpointing != "selective",
+            "does not work with parallel.activation_checkpointing=selective (its cached "
+            "attention outputs are merged in place by the ring); use full or none",
+        ),
+        (
+            not config.eval.tasks,
+            "does not score eval.tasks during training; score the checkpoint afterwards "
+            "(megagpt eval) or set parallel.context_parallel_size=1",
+        ),
+    ):
+        _check(ok, key, cp, requirement)
 
 
 def _check_engine(config: Config) -> None:
@@ -366,19 +463,23 @@ def validate_world_size(config: Config, world_size: int) -> int:
     """The data-parallel size for `world_size` processes, or a ConfigError saying what
     would work (the layout checks that need the number of processes)."""
     p, t = config.parallel, config.train
-    tp, pp = p.tensor_parallel_size, p.pipeline_parallel_size
-    model_ranks = tp * pp
+    tp, pp, cp = p.tensor_parallel_size, p.pipeline_parallel_size, p.context_parallel_size
+    model_ranks = tp * pp * cp
     if world_size % model_ranks:
+        with_cp = " x parallel.context_parallel_size" if cp > 1 else ""
+        sizes = f"{tp} x {pp}" + (f" x {cp}" if cp > 1 else "")
         raise ConfigError(
-            f"parallel.tensor_parallel_size x parallel.pipeline_parallel_size = {tp} x {pp}"
-            f" = {model_ranks} does not divide the number of processes ({world_size}); "
-            f"choose sizes whose product divides {world_size}"
+            f"parallel.tensor_parallel_size x parallel.pipeline_parallel_size{with_cp} = "
+            f"{sizes} = {model_ranks} does not divide the number of processes "
+            f"({world_size}); choose sizes whose product divides {world_size}"
         )
     dp = world_size // model_ranks
     if p.data_parallel_size is not None and p.data_parallel_size != dp:
+        context = f" x context {cp}" if cp > 1 else ""
         raise ConfigError(
             f"parallel.data_parallel_size = {p.data_parallel_size}: {world_size} processes "
-            f"/ (tensor {tp} x pipeline {pp}) leave {dp}; set it to {dp} or leave it null"
+            f"/ (tensor {tp} x pipeline {pp}{context}) leave {dp}; set it to {dp} or leave "
+            "it null"
         )
     per_pass = t.micro_batch_size * dp
     if t.global_batch_size % per_pass:

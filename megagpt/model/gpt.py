@@ -24,6 +24,7 @@ from torch import nn
 from megagpt.config.schema import ModelConfig
 from megagpt.model.kv_cache import KVCache
 from megagpt.model.lora import ADAPTER_PARAMETERS, adapter_initial_value
+from megagpt.model.moe import MoE
 from megagpt.utils.seeds import derive_key
 
 IGNORE_INDEX = -100
@@ -124,6 +125,9 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(c, n_kv_heads * d, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.n_heads * d, c, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        # Set by megagpt.parallel for context parallelism: causal attention f(q, k, v)
+        # over a sequence split across ranks (ring attention), in place of SDPA.
+        self.attention_fn: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -160,15 +164,18 @@ class Attention(nn.Module):
         elif start > 0:  # new queries see the whole cache and their own causal prefix
             causal = False
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(start)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal,
-            enable_gqa=self.q_per_kv > 1,
-        )  # (B, H, T, D)
+        if self.attention_fn is not None and mask is None and kv_cache is None:
+            y = self.attention_fn(q, k, v)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=causal,
+                enable_gqa=self.q_per_kv > 1,
+            )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
         return self.resid_dropout(self.out_proj(y))
 
@@ -187,9 +194,9 @@ class ClassificationHead(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int | None = None):
         super().__init__()
-        hidden = cfg.mlp_width
+        hidden = width or cfg.mlp_width
         self.swiglu = cfg.activation == "swiglu"
         if self.swiglu:
             self.gate_proj = nn.Linear(cfg.hidden_size, hidden, bias=cfg.bias)
@@ -211,7 +218,11 @@ class Block(nn.Module):
         self.attn_norm = build_norm(cfg)
         self.attn = Attention(cfg, layer_index)
         self.mlp_norm = build_norm(cfg)
-        self.mlp = MLP(cfg)
+        if cfg.is_moe_layer(layer_index):
+            shared = cfg.moe.shared_experts * cfg.expert_width
+            self.mlp = MoE(cfg, MLP(cfg, shared) if shared else None)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, kv_cache=None, examples=None):
         x = x + self.attn(self.attn_norm(x), rope, kv_cache, examples)
@@ -277,6 +288,10 @@ class GPT(nn.Module):
         positions for the output layer, which then returns logits (N, V) for the N
         selected positions in row-major order (the output layer is the largest matmul
         at a large vocabulary; the other positions' logits are never computed).
+
+        Mixture-of-experts layers (model.moe): in training, with targets, their
+        auxiliary losses add to the loss's gradient, not to its value (see
+        moe_auxiliary_loss).
         """
         if self.embed_tokens is not None:
             h = self.embed_tokens(tokens)  # (B, T, C)
@@ -313,7 +328,39 @@ class GPT(nn.Module):
             h = self.lm_head(h)  # (B, T, V)
             if targets is not None:
                 h = cross_entropy(h, targets, reduction)
+                if self.training and self.config.moe.num_experts:
+                    h = h + self.moe_auxiliary_loss(targets, reduction)
         return h if classes is None else (h, classes)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        """The mixture-of-experts layers this model (or pipeline stage) holds."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def moe_auxiliary_loss(self, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The MoE layers' load-balancing and z-losses of this forward, weighted by
+        model.moe's coefficients, as a term that adds to the loss's gradient only.
+
+        Each sequence's losses count once per trained token of its row (targets that
+        are not IGNORE_INDEX), as its cross-entropy does: summed ("sum", which the train
+        module scales by dp / N) or over this batch's trained tokens ("mean"). The
+        gradient is then that of the mean over every sequence of the global batch,
+        weighted by its share of the trained tokens, whatever the gradient accumulation
+        and data-parallel size (the per-sequence losses do not depend on which rows
+        share a microbatch). Its value is zero: the loss reported stays the language
+        model's cross-entropy, comparable with validation and dense runs; the layers
+        keep the auxiliary losses themselves.
+        """
+        moe = self.config.moe
+        row_tokens = (targets != IGNORE_INDEX).sum(-1).float()  # (B,)
+        if reduction == "mean":
+            row_tokens = row_tokens / row_tokens.sum().clamp(min=1)
+        total = torch.zeros((), device=targets.device)
+        for layer in self.moe_layers:
+            balance, z = layer.take_losses()  # (B,) each
+            per_row = moe.aux_loss_coeff * balance + moe.z_loss_coeff * z
+            total = total + (per_row * row_tokens).sum()
+        return total - total.detach()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output layer. Call again after `to_empty`,
@@ -341,7 +388,7 @@ class GPT(nn.Module):
         if leaf == "bias":
             return torch.zeros(shape, device=device)
         std = self.config.init_std
-        if name.endswith(("out_proj.weight", "down_proj.weight")):
+        if name.endswith(("out_proj.weight", "down_proj.weight", "experts.down_proj")):
             std /= math.sqrt(2 * self.config.n_layers)
         if name == "lm_head.weight" and self.config.tie_embeddings:
             name = "embed_tokens.weight"  # a pipeline's last-stage copy of the tied matrix
@@ -358,6 +405,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
+        for layer in self.moe_layers:
+            layer.reset_state()
         if self.config.position_embedding == "rope":
             cos, sin = rotary_tables(
                 self.rope_cos.shape[-1], self.config.max_seq_len, self.config.rope_theta

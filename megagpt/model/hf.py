@@ -25,6 +25,11 @@ LLAMA_LIKE = {"norm": "rmsnorm", "position_embedding": "rope", "activation": "sw
 
 
 def architecture(cfg: ModelConfig) -> str:
+    if cfg.moe.num_experts:
+        raise ConfigError(
+            "Hugging Face export of mixture-of-experts models (model.moe.num_experts > 0) "
+            "is not supported yet; only dense models (num_experts 0) map to GPT-2 or Llama"
+        )
     for name, wanted in (("gpt2", GPT2_LIKE), ("llama", LLAMA_LIKE)):
         if all(getattr(cfg, k) == v for k, v in wanted.items()):
             if name == "gpt2" and not cfg.bias:
