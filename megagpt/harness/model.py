@@ -5,9 +5,9 @@ asks for (parallel.tensor_parallel_size=..., parallel.pipeline_parallel_size=...
 rest of the processes are data-parallel replicas), whatever layout saved it, and its
 weights are loaded into it. A few training-only settings are switched off, because an
 evaluation's replicas answer different requests and its sequences come in every length
-(see megagpt.parallel.inference): sequence parallelism, ZeRO sharding, activation
-checkpointing and torch.compile; none of them changes the weights or what the model
-computes.
+(see megagpt.parallel.inference): sequence and context parallelism, ZeRO sharding,
+activation checkpointing and torch.compile; none of them changes the weights or what
+the model computes.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ EVALUATION_LAYOUT = (
     "parallel.zero_stage=0",
     "parallel.activation_checkpointing=none",
     "parallel.data_parallel_size=null",
+    "parallel.context_parallel_size=1",
     "train.compile=false",
 )
 """Settings every evaluation model is built with (see the module docstring)."""

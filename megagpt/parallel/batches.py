@@ -11,6 +11,7 @@ import torch
 from megagpt.config import Config, ConfigError
 from megagpt.data import global_sample_indices
 from megagpt.model.gpt import IGNORE_INDEX
+from megagpt.parallel.context_parallel import positions_for_rank, split_for_context_parallel
 from megagpt.utils.seeds import derive_key
 
 if TYPE_CHECKING:  # the train module reads its batches through here
@@ -43,6 +44,26 @@ class Microbatch:
 
     def labeled_rows(self) -> int:
         return 0 if self.labels is None else int((self.labels != IGNORE_INDEX).sum())
+
+    def context_share(self, cp_rank: int, cp_size: int) -> Microbatch:
+        """This context-parallel rank's share of every sequence (its head and tail
+        chunks, see context_parallel.py), with the global positions of its tokens, which
+        the model's learned or rotary positions then index."""
+        if cp_size == 1:
+            return self
+        if self.segments is not None or self.labels is not None:
+            raise ConfigError(
+                "parallel.context_parallel_size > 1 trains on plain text only: packed "
+                "fine-tuning examples and classification batches need their own attention "
+                "masks; use parallel.context_parallel_size=1 for fine-tuning"
+            )
+        B, T = self.inputs.shape
+        positions = positions_for_rank(T, cp_rank, cp_size, self.inputs.device)
+        return Microbatch(
+            inputs=split_for_context_parallel(self.inputs, 1, cp_rank, cp_size),
+            targets=split_for_context_parallel(self.targets, 1, cp_rank, cp_size),
+            positions=positions.expand(B, -1),  # per row: pipelines split along the batch
+        )
 
 
 def load_microbatch(dataset, indices, vocab_size: int, device: torch.device) -> Microbatch:
@@ -89,9 +110,13 @@ def microbatch_indices(
 
 
 def step_batches(dataset, step: int, model: TrainModule, config: Config, sample_offset: int = 0):
-    """This replica's microbatches of global batch `step`."""
+    """This replica's microbatches of global batch `step` (this rank's share of their
+    sequences under context parallelism)."""
+    cp, cp_rank = model.dims.cp, model.dims.cp_rank(model.env.rank)
     return [
-        load_microbatch(dataset, indices, config.model.vocab_size, model.env.device)
+        load_microbatch(dataset, indices, config.model.vocab_size, model.env.device).context_share(
+            cp_rank, cp
+        )
         for indices in microbatch_indices(step, model, config, sample_offset)
     ]
 

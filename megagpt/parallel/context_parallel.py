@@ -42,10 +42,12 @@ wired yet. Attention dropout is refused: its mask would have to be replayed per 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from megagpt.config import ConfigError
 
@@ -324,3 +326,14 @@ def ring_attention(
         raise ValueError(f"local length {q.shape[2]} is not a head and a tail chunk")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _RingAttention.apply(q, k, v, group, scale, kernel)
+
+
+# --------------------------------------------------------------------------- model
+def apply_context_parallel(part: nn.Module, group: dist.ProcessGroup) -> None:
+    """Make every attention layer of `part` (a GPT or pipeline stage) a ring over the
+    context-parallel `group`. The model stays free of torch.distributed: Attention calls
+    its `attention_fn` in place of SDPA when one is set (causal attention only; the
+    batches bring each rank's share of the sequence and its positions)."""
+    attention = functools.partial(ring_attention, group=group)
+    for block in part.layers.values():
+        block.attn.attention_fn = attention

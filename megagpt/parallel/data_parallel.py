@@ -1,4 +1,5 @@
-"""Data parallelism and ZeRO through FSDP2, on the ("dp_replicate", "dp_shard") mesh.
+"""Data parallelism and ZeRO through FSDP2, on the ("dp_replicate", "dp_shard_cp") mesh
+(the shard dimension flattened with the context-parallel one, see dims.py).
 
 stage 0: the shard dimension has size 1, so parameters, gradients and optimizer
          state are replicated and gradients all-reduced once per step (plain DDP).
@@ -45,7 +46,7 @@ def apply_data_parallel(
     """Wrap every block, then the root, in FSDP2 (with the same offload policy: FSDP2
     moves each group's shards on its own). `pin_memory` speeds host-device copies; only
     CUDA has pinned memory."""
-    dp_mesh = mesh["dp_replicate", "dp_shard"]
+    dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
     offload = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
     for block in part.layers.values():  # one communication group per block
         fully_shard(

@@ -1,13 +1,16 @@
 """The parallel layout: how many ranks along each dimension, and the device mesh.
 
-world = pipeline x data x tensor; one process is the layout with every size 1, and goes
-through the same code (each parallelism is applied only where its size is above 1).
-The mesh's dimensions, outermost first, are
-("pp", "dp_replicate", "dp_shard", "tp"): tensor-parallel ranks are neighbours (one
-node), pipeline stages are furthest apart. Data parallelism is split into a replicate
-and a shard dimension for FSDP2's HSDP mode; one of the two always has size 1: ZeRO
-stage 0 replicates across all data-parallel ranks (plain data parallel), stages 1-3
-shard across them.
+world = pipeline x data x context x tensor; one process is the layout with every size
+1, and goes through the same code (each parallelism is applied only where its size is
+above 1). The mesh's dimensions, outermost first, are
+("pp", "dp_replicate", "dp_shard", "cp", "tp"): tensor-parallel ranks are neighbours
+(one node), pipeline stages are furthest apart. Data parallelism is split into a
+replicate and a shard dimension for FSDP2's HSDP mode; one of the two always has size
+1: ZeRO stage 0 replicates across all data-parallel ranks (plain data parallel), stages
+1-3 shard across them. Context-parallel ranks (parallel.context_parallel_size) each hold
+a share of every sequence and compute gradients of the same parameters from it, so
+they join FSDP2's shard dimension (torchtitan's "dp_shard_cp"): parameters are sharded
+over data x context ranks and gradients averaged over them, also at zero_stage 0.
 
 Native CPU offload (parallel.offload_optimizer or offload_params = cpu) is FSDP2's too,
 so it puts every layout under FSDP2, one process included (a mesh of size 1).
@@ -22,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megagpt.config import Config, validate_world_size
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -31,13 +34,14 @@ class ParallelDims:
     dp: int
     tp: int
     zero_stage: int
+    cp: int = 1
     cpu_offload: bool = False
     """FSDP2 keeps the sharded parameters, their gradients and the optimizer state in
     host memory and steps the optimizer there (see data_parallel.py)."""
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
     @property
     def dp_shard(self) -> int:
@@ -56,6 +60,16 @@ class ParallelDims:
         return self.tp > 1
 
     @property
+    def context_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def gradient_replicas(self) -> int:
+        """Ranks whose gradients FSDP2 averages: every data-parallel rank and every
+        context-parallel rank (each computes its share of the same sequences)."""
+        return self.dp * self.cp
+
+    @property
     def data_enabled(self) -> bool:
         return self.dp > 1
 
@@ -70,8 +84,12 @@ class ParallelDims:
 
     def dp_rank(self, rank: int) -> int:
         """This rank's index among the data-parallel replicas (see MESH_DIMS: ranks run
-        tensor-parallel fastest, then data-parallel, then pipeline)."""
-        return rank // self.tp % self.dp
+        tensor-parallel fastest, then context-parallel, data-parallel, pipeline)."""
+        return rank // (self.tp * self.cp) % self.dp
+
+    def cp_rank(self, rank: int) -> int:
+        """This rank's index among its context-parallel group (its share of a sequence)."""
+        return rank // self.tp % self.cp
 
     def tp_rank(self, rank: int) -> int:
         """This rank's index among its tensor-parallel group."""
@@ -86,13 +104,16 @@ class ParallelDims:
             pp=p.pipeline_parallel_size,
             dp=dp,
             tp=p.tensor_parallel_size,
+            cp=p.context_parallel_size,
             zero_stage=p.zero_stage,
             cpu_offload=native_cpu_offload(config),
         )
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
-        return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # FSDP2's shard dimension
+        return mesh
 
 
 def native_cpu_offload(config: Config) -> bool:

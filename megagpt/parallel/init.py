@@ -27,13 +27,13 @@ def local_piece(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         tp_placement = placements[names.index("tp")]
         piece = distribute_tensor(piece, mesh["tp"], [tp_placement], src_data_rank=None)
         piece = piece.to_local()
-    if "dp_shard" in names:
-        index = names.index("dp_shard")
+    if "dp_shard_cp" in names:  # FSDP2's shard dimension (data x context ranks)
+        index = names.index("dp_shard_cp")
         # FSDP2 marks dim-0 shards of tensor-parallel shards as _StridedShard, which
         # (in torch 2.13) is neither a Shard subclass nor reports is_shard().
         if isinstance(placements[index], (Shard, _StridedShard)):
             chunks = list(torch.chunk(piece, mesh.size(index), dim=0))
-            rank = mesh.get_local_rank("dp_shard")
+            rank = mesh.get_local_rank("dp_shard_cp")
             piece = chunks[rank] if rank < len(chunks) else piece[:0]
     return piece
 

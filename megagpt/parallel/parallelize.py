@@ -3,10 +3,11 @@
 parallelize(config, env) builds the model on the meta device (with LoRA adapters when
 finetune.lora.rank is set, see parallel/lora.py) and, in this order:
 splits it into pipeline stages; then for each local stage applies tensor (and
-sequence) parallelism, activation checkpointing, torch.compile per block, and data
-parallelism / ZeRO, each only where it has more than one rank; then allocates it and
-initializes every shard to the values a single process would have. (torchtitan's
-order: the pipeline split comes first so that each stage is parallelized on its own.)
+sequence) parallelism, context parallelism (ring attention), activation checkpointing,
+torch.compile per block, and data parallelism / ZeRO, each only where it has more than
+one rank; then allocates it and initializes every shard to the values a single
+process would have. (torchtitan's order: the pipeline split comes first so that each
+stage is parallelized on its own.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from megagpt.config import Config
 from megagpt.model.build import build_meta_model
 from megagpt.model.gpt import GPT
 from megagpt.parallel.activation_checkpoint import apply_activation_checkpointing
+from megagpt.parallel.context_parallel import apply_context_parallel
 from megagpt.parallel.data_parallel import OFFLOAD_DESCRIPTION, apply_data_parallel, move_buffers
 from megagpt.parallel.deepspeed_engine import build_deepspeed_module
 from megagpt.parallel.dims import ParallelDims, device_type
@@ -56,11 +58,12 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
     dims = ParallelDims.from_config(config, env.world_size)
     mesh = dims.build_mesh(device_type(env.device))
     log.info(
-        "layout: %d process%s = pipeline %d x data %d x tensor %d",
+        "layout: %d process%s = pipeline %d x data %d x context %d x tensor %d",
         env.world_size,
         "es" if env.world_size > 1 else "",
         dims.pp,
         dims.dp,
+        dims.cp,
         dims.tp,
     )
     meta = build_meta_model(config.model)
@@ -74,6 +77,8 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
     for part in parts:
         if dims.tensor_enabled:
             apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
+        if dims.context_enabled:
+            apply_context_parallel(part, mesh.get_group("cp"))
         apply_activation_checkpointing(part, p.activation_checkpointing)
         if t.compile:
             compile_blocks(part)
@@ -90,6 +95,8 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
             dims.tp,
             ", sequence parallel" if p.sequence_parallel else "",
         )
+    if dims.context_enabled:
+        log.info("context parallel: %d ranks (head and tail chunks, ring attention)", dims.cp)
     if p.activation_checkpointing != "none":
         log.info("activation checkpointing: %s", p.activation_checkpointing)
     if t.compile:

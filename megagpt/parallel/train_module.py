@@ -18,9 +18,11 @@ losses divided by the global count N of trained tokens, counted before the step 
 all microbatches and data-parallel ranks. So an example with few completion tokens
 weighs as much per token as one with many, whatever the gradient accumulation, number
 of ranks or pipeline microbatches. Each rank scales its sums by dp / N because data
-parallelism averages gradients over the dp ranks. Losses come back as this rank's
-share (zero on ranks without the last pipeline stage); `global_mean` adds the shares
-up into the number one process would report.
+parallelism averages gradients over the dp ranks; under context parallelism each rank
+sums the losses of its share of every sequence and FSDP2 averages over the dp x cp
+ranks, so the factor is dp x cp / N (`ParallelDims.gradient_replicas`). Losses come
+back as this rank's share (zero on ranks without the last pipeline stage);
+`global_mean` adds the shares up into the number one process would report.
 
 Classification batches (labels and the token each row is classified at) add GPT-1's
 loss: the classification loss, a mean over the labeled rows of the global batch, plus
@@ -59,7 +61,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 class ScaledLoss:
     """The pipeline schedule's loss: a microbatch's summed token loss times `scale`
-    (dp / N, times the fp16 loss scale, set by the train module before each step; see
+    (dp x cp / N, times the fp16 loss scale, set by the train module before each step; see
     the module docstring). While `score_rows` is set (evaluation of downstream tasks,
     see scoring.py) it gives every row's log-likelihood statistics instead."""
 
@@ -153,8 +155,9 @@ class TrainModule:
         return self.global_counts(batches)[0]
 
     def global_counts(self, batches: list[Microbatch]) -> tuple[int, int]:
-        """Trained tokens and labeled rows of the global batch, over every data-parallel
-        rank (tensor- and pipeline-parallel ranks read the same batches: counted once)."""
+        """Trained tokens and labeled rows of the global batch, over every data- and
+        context-parallel rank (tensor- and pipeline-parallel ranks read the same
+        batches: counted once)."""
         counts = [
             sum(b.supervised_tokens() for b in batches),
             sum(b.labeled_rows() for b in batches),
@@ -163,7 +166,8 @@ class TrainModule:
             return counts[0], counts[1]
         total = torch.tensor(counts, dtype=torch.float64, device=self.env.device)
         dist.all_reduce(total)
-        tokens, rows = (round(float(x) * self.dims.dp / self.dims.world_size) for x in total)
+        copies = self.dims.world_size // self.dims.gradient_replicas
+        tokens, rows = (round(float(x) / copies) for x in total)
         return tokens, rows
 
     def train_step(
@@ -179,7 +183,8 @@ class TrainModule:
         """
         tokens, rows = self.global_counts(batches)
         loss_scale = self.loss_scale or 1.0  # divided out again below and in `update`
-        scale = self.dp_size / max(1, tokens) * loss_scale
+        replicas = self.dims.gradient_replicas
+        scale = replicas / max(1, tokens) * loss_scale
         if self.schedule is not None:
             if seeds:
                 torch.manual_seed(seeds[0])
@@ -195,7 +200,7 @@ class TrainModule:
             with self._loss_context():
                 with self.autocast():
                     if batch.labels is not None:
-                        row_scale = self.dp_size / max(1, rows) * loss_scale
+                        row_scale = replicas / max(1, rows) * loss_scale
                         loss = self._classification_loss(batch, scale, row_scale)
                     else:
                         loss = part(
@@ -255,7 +260,7 @@ class TrainModule:
         """This rank's share of the loss over `batches` (`supervised`: their N)."""
         if supervised is None:
             supervised = self.supervised_tokens(batches)
-        scale = self.dp_size / max(1, supervised)
+        scale = self.dims.gradient_replicas / max(1, supervised)
         if self.schedule is not None:
             return self._pipeline(batches, scale, train=False)
         total = torch.zeros((), device=self.env.device)
@@ -302,13 +307,14 @@ class TrainModule:
 
     def global_mean(self, value: torch.Tensor) -> float:
         """A loss as one process would compute it, from every rank's share: the sum over
-        data-parallel ranks of the last pipeline stage's shares, each scaled by dp / N
-        (hence the division by dp; tensor-parallel ranks hold equal copies)."""
+        data- and context-parallel ranks of the last pipeline stage's shares, each scaled
+        by dp x cp / N (hence the division by dp x cp; tensor-parallel ranks hold equal
+        copies)."""
         if self.dims.world_size == 1:
             return float(value)
         value = value.detach().clone()
         dist.all_reduce(value)
-        return float(value) / (self.dims.dp * self.dims.tp)
+        return float(value) / (self.dims.gradient_replicas * self.dims.tp)
 
     # ------------------------------------------------------------------ updates
     def update(self, lr: float, max_norm: float) -> float:
@@ -360,7 +366,7 @@ class TrainModule:
         between the two ranks after every backward so the copies stay equal."""
         if not self.dims.pipeline_enabled or not self.config.model.tie_embeddings:
             return None, None
-        grid = self.mesh.mesh  # (pp, dp_replicate, dp_shard, tp) ranks
+        grid = self.mesh.mesh  # (pp, dp_replicate, dp_shard, cp, tp) ranks
         mine = None
         for index in torch.cartesian_prod(*(torch.arange(n) for n in grid.shape[1:])):
             pair = [int(grid[(0, *index)]), int(grid[(-1, *index)])]

@@ -275,7 +275,7 @@ class Trainer:
             result.memory = memory_bytes(self.module)
             log_module_memory("after the first step", self.module)
             if self.plan is not None:
-                pp_rank = self.env.rank // (self.module.dims.tp * self.module.dims.dp)
+                pp_rank = self.module.mesh.get_local_rank("pp")
                 planned = self.plan.memory[pp_rank]
                 log_memory("as planned", {k: planned[k] for k in result.memory})
         self.module.zero_grad()
@@ -428,6 +428,7 @@ class Trainer:
             "tensor": dims.tp,
             "pipeline": dims.pp,
             "data": dims.dp,
+            "context": dims.cp,
             "zero_stage": dims.zero_stage,
             "virtual_stages": p.virtual_stages,
         }
