@@ -5,7 +5,9 @@ data parallelism, parameter and FLOP counts, and the settings refused."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,14 +198,25 @@ MOE_TRAINING = [
 def test_tiny_moe_gpt_trains_through_the_trainer(tiny_config):
     config = apply_overrides(
         tiny_config,
-        [*MOE_TRAINING, "train.max_steps=16", "train.eval_interval=4", "optim.lr=3e-3"],
+        [
+            *MOE_TRAINING,
+            "train.max_steps=16",
+            "train.eval_interval=4",
+            "optim.lr=3e-3",
+            "model.moe.bias_update_rate=0.001",
+        ],
         "test",
     )
     result = train(config)
     assert result.val_losses[16] < result.val_losses[4] - 0.3
     weights, _ = consolidated_state_dict(config.train.output_dir)  # saved and read by DCP
     assert weights["layers.1.mlp.experts.up_proj"].shape == (4, 64, 32)
-    assert weights["layers.1.mlp.expert_bias"].shape == (4,)
+    # The trainer moved the balancing bias after every step (16 steps of +-0.001 each).
+    bias = weights["layers.1.mlp.expert_bias"]
+    assert bias.shape == (4,) and 0 < bias.abs().max() <= 16 * 0.001 + 1e-6
+    logged = [json.loads(line) for line in open(Path(config.train.output_dir) / "metrics.jsonl")]
+    loads = [m["moe/layers.1.mlp/max_load"] for m in logged if "moe/layers.1.mlp/max_load" in m]
+    assert len(loads) == 16 and all(load >= 1.0 for load in loads)
 
 
 @pytest.mark.parametrize("variant", ["accumulate-2", "accumulate-2-checkpointed"])

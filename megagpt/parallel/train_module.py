@@ -104,6 +104,7 @@ class TrainModule:
         self.has_first_stage = 0 in self.stages
         self.has_last_stage = n_stages - 1 in self.stages
         self._tied_group, self._tied_param = self._tied_embedding_group()
+        self.expert_counts: dict[str, torch.Tensor] = {}  # MoE layer -> last step's load
 
     # ------------------------------------------------------------------ layout
     @property
@@ -333,9 +334,36 @@ class TrainModule:
             self.optimizer_step(lr)
         else:
             self.zero_grad()
+        self._balance_experts(apply=finite)
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=not finite)
         return float(norm)
+
+    def _balance_experts(self, apply: bool) -> None:
+        """After a step, each mixture-of-experts layer's token copies per expert, summed
+        over the data-parallel ranks (so every replica moves its router bias alike; MoE
+        runs data parallel only), move the DeepSeek-V3 bias (an applied step) and are kept
+        for the log (`expert_load`)."""
+        for part in self.parts:
+            for name, layer in part.named_modules():
+                if not hasattr(layer, "update_bias"):
+                    continue
+                counts = layer.step_tokens_per_expert.clone()
+                if self.dims.world_size > 1:
+                    dist.all_reduce(counts)
+                self.expert_counts[name] = counts.cpu()
+                if apply:
+                    layer.update_bias(counts)
+                else:
+                    layer.step_tokens_per_expert.zero_()
+
+    def expert_load(self) -> dict[str, float]:
+        """Per MoE layer, the busiest expert's token copies over the mean in the last step
+        (1.0 is perfectly balanced), as metrics `moe/<layer>/max_load`."""
+        return {
+            f"moe/{name}/max_load": float(counts.max() / counts.mean().clamp(min=1e-9))
+            for name, counts in self.expert_counts.items()
+        }
 
     def _unscale_and_clip(self, norm: torch.Tensor, max_norm: float, loss_scale: float) -> None:
         """Multiply every gradient once by min(1, max_norm / norm) / loss_scale (the

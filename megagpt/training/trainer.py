@@ -373,10 +373,13 @@ class Trainer:
         extra = {}
         if device.type == "cuda":
             extra["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        scaling = ""
+        load = self.module.expert_load()  # mixture-of-experts balance, per layer
+        extra.update(load)
+        balance = f" | expert load max/mean {max(load.values()):.2f}" if load else ""
+        scaling = balance
         if self.module.loss_scale is not None:
             extra.update(loss_scale=self.module.loss_scale, overflow_skips=self.overflow_skips)
-            scaling = f" | loss scale {self.module.loss_scale:g} ({self.overflow_skips} overflows)"
+            scaling += f" | loss scale {self.module.loss_scale:g} ({self.overflow_skips} overflows)"
         log.info(
             "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f%s | %s tok/s | MFU %s%.1f%% | "
             "elapsed %s | ETA %s",
