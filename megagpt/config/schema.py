@@ -363,6 +363,14 @@ class TrainConfig:
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     """Dynamic loss scaling of fp16 training (ignored at other precisions)."""
 
+    fp8: Literal["none", "tensorwise", "rowwise"] = "none"
+    """FP8 matmuls in the transformer blocks (attention and MLP projections; the LM
+    head, MoE router and norms stay in bf16) through torchao's float8 training, with
+    one scale per tensor or per row. Needs bf16 compute, an SM89+ GPU (H100, L40S)
+    and the fp8 extra (pip install megagpt[fp8]); fast only with train.compile.
+    Checkpoints are the same with or without it. MEGAGPT_FP8_EMULATE=1 emulates it
+    where the GPU cannot (CPU tests: numerics only, no speed)."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto uses CUDA when it is available."""
 

@@ -261,6 +261,7 @@ def validate_parallel(config: Config) -> None:
     )
     _check_engine(config)
     _check_context_parallel(config)
+    _check_fp8(config)
     if m.moe.num_experts:  # the plans key on the dense MLP; expert parallelism comes later
         for key in ("tensor_parallel_size", "pipeline_parallel_size"):
             size = getattr(p, key)
@@ -457,6 +458,35 @@ def _check_engine(config: Config) -> None:
                 "nvme offload needs parallel.engine=deepspeed (with the deepspeed extra); "
                 "the native engine offloads to cpu",
             )
+
+
+def _check_fp8(config: Config) -> None:
+    """FP8 runs on bf16 autocast of the native engine, without tensor parallelism (its
+    sharded matmuls would need torchao's Float8 tensor-parallel styles)."""
+    t, p = config.train, config.parallel
+    if t.fp8 == "none":
+        return
+    _check(
+        t.precision in ("bf16", "auto"),
+        "train.precision",
+        t.precision,
+        f"must be bf16 (or auto on a GPU) with train.fp8={t.fp8}: fp8 replaces the "
+        "blocks' bf16 matmuls and the rest computes in bf16; or set train.fp8=none",
+    )
+    _check(
+        p.engine == "native",
+        "train.fp8",
+        t.fp8,
+        "needs parallel.engine=native (the DeepSpeed engine builds its own modules); "
+        "or set train.fp8=none",
+    )
+    _check(
+        p.tensor_parallel_size == 1,
+        "train.fp8",
+        t.fp8,
+        f"is not supported with parallel.tensor_parallel_size = {p.tensor_parallel_size} "
+        "yet; use data parallelism / ZeRO or pipeline parallelism, or set train.fp8=none",
+    )
 
 
 def validate_world_size(config: Config, world_size: int) -> int:

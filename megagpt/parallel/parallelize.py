@@ -1,7 +1,8 @@
 """Apply the configured layout to a plain GPT, one logged step at a time.
 
 parallelize(config, env) builds the model on the meta device (with LoRA adapters when
-finetune.lora.rank is set, see parallel/lora.py) and, in this order:
+finetune.lora.rank is set, see parallel/lora.py, and FP8 block matmuls with
+train.fp8, see parallel/float8.py) and, in this order:
 splits it into pipeline stages; then for each local stage applies tensor (and
 sequence) parallelism, context parallelism (ring attention), activation checkpointing,
 torch.compile per block, and data parallelism / ZeRO, each only where it has more than
@@ -26,9 +27,11 @@ from megagpt.parallel.data_parallel import OFFLOAD_DESCRIPTION, apply_data_paral
 from megagpt.parallel.deepspeed_engine import build_deepspeed_module
 from megagpt.parallel.dims import ParallelDims, device_type
 from megagpt.parallel.env import DistributedEnv
+from megagpt.parallel.float8 import apply_float8
 from megagpt.parallel.init import materialize_shards
 from megagpt.parallel.lora import add_adapters
 from megagpt.parallel.pipeline import build_schedule, split_model, stage_ids
+from megagpt.parallel.precision import resolve_precision
 from megagpt.parallel.tensor_parallel import apply_tensor_parallel
 from megagpt.parallel.train_module import ScaledLoss, TrainModule
 
@@ -69,6 +72,8 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
     meta = build_meta_model(config.model)
     if config.finetune.lora.rank:
         add_adapters(meta, config.finetune.lora)  # before the split: stages keep them
+    if t.fp8 != "none":  # torchtitan's place: on the plain model, before TP and FSDP
+        apply_float8(meta, t.fp8, env.device, resolve_precision(config, env.device))
     n_stages = dims.pp * p.virtual_stages
     stages, parts = [0], [meta]
     if dims.pipeline_enabled:
