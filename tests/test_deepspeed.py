@@ -66,7 +66,9 @@ def validation_loss(out) -> float:
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], **TOLERANCE, msg=key)
+        torch.testing.assert_close(
+            a[key], b[key], **TOLERANCE, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 ZERO_MODES = [(stage, offload) for stage in (1, 2, 3) for offload in ("none", "cpu")]

@@ -70,7 +70,9 @@ def test_offload_trains_like_one_process(world, layout, reference, tmp_path):
     weights = consolidated_state_dict(tmp_path)[0]
     assert weights.keys() == reference_weights.keys()
     for key, value in reference_weights.items():
-        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(
+            weights[key], value, rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 def placements_after_a_step(configs: list[Config]):

@@ -180,15 +180,6 @@ MEASURED_LAYOUTS = [
     ({"parallel.activation_checkpointing": "full"}, 1),
     ({"parallel.tensor_parallel_size": 2}, 2),
     ({"parallel.tensor_parallel_size": 2, "parallel.sequence_parallel": True}, 2),
-    ({"parallel.tensor_parallel_size": 2, "parallel.activation_checkpointing": "selective"}, 2),
-    (
-        {
-            "parallel.tensor_parallel_size": 2,
-            "parallel.sequence_parallel": True,
-            "parallel.activation_checkpointing": "full",
-        },
-        2,
-    ),
     ({**PIPELINE, "parallel.pipeline_parallel_size": 2}, 2),
     ({**PIPELINE, "parallel.pipeline_parallel_size": 2, "parallel.pipeline_schedule": "gpipe"}, 2),
     (
@@ -217,7 +208,6 @@ MEASURED_LAYOUTS = [
     ({"parallel.zero_stage": 1, "parallel.offload_optimizer": "cpu"}, 2),
     # bf16 autocast: the weight copies it keeps for backward count as activations
     ({"train.precision": "bf16"}, 1),
-    ({**PIPELINE, "parallel.pipeline_parallel_size": 2, "train.precision": "bf16"}, 2),
     ({"parallel.tensor_parallel_size": 2, "parallel.zero_stage": 3}, 4),
     (
         {
