@@ -70,6 +70,7 @@ def test_directory_contents_and_metadata(tiny_config, tmp_path):
         "tensor": 1,
         "pipeline": 1,
         "data": 1,
+        "context": 1,
         "zero_stage": 0,
         "virtual_stages": 1,
     }
