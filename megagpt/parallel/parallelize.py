@@ -61,12 +61,12 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
     dims = ParallelDims.from_config(config, env.world_size)
     mesh = dims.build_mesh(device_type(env.device))
     log.info(
-        "layout: %d process%s = pipeline %d x data %d x context %d x tensor %d",
+        "layout: %d process%s = pipeline %d x data %d x %stensor %d",
         env.world_size,
         "es" if env.world_size > 1 else "",
         dims.pp,
         dims.dp,
-        dims.cp,
+        f"context {dims.cp} x " if dims.cp > 1 else "",
         dims.tp,
     )
     meta = build_meta_model(config.model)
