@@ -23,14 +23,24 @@ BUILDERS = {"cpu_adam": "CPUAdamBuilder", "async_io": "AsyncIOBuilder"}
 
 
 def op_built(name: str) -> bool:
-    """Whether DeepSpeed's op `name` can be loaded without compiling."""
+    """Whether DeepSpeed's op `name` can be loaded without compiling: installed built,
+    or in torch's extension cache built from this environment's sources (the cache is
+    per user, shared by every environment: torch recompiles an op whose sources moved)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
     if deepspeed.git_version_info.installed_ops.get(name):
         return True
     build = Path(_get_build_directory(name, verbose=False))
-    return any(build.glob(f"{name}*.so"))
+    ninja = build / "build.ninja"
+    if not any(build.glob(f"{name}*.so")) or not ninja.is_file():
+        return False
+    builder = get_accelerator().create_op_builder(BUILDERS[name])
+    if builder is None:
+        return False
+    recipe = ninja.read_text()
+    return all(builder.deepspeed_src_path(src) in recipe for src in builder.sources())
 
 
 def cpu_adam_built() -> bool:
