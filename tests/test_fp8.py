@@ -114,19 +114,28 @@ def test_fp8_trains_like_bf16(tiny_config):
         assert losses[-1] < losses[0] - 0.3  # it learns
 
 
+ZERO3_TOLERANCE = 2e-4
+"""Relative distance allowed between ZeRO-3's fp8 losses and one process's. FSDP2
+gathers each weight in bf16 (its param dtype), so a tensorwise scale comes from the
+bf16-rounded amax rather than the fp32 master's, and a few e4m3 roundings land on the
+other side: a CI run saw 3.6e-5 at the fourth step. A rank that lost its Float8Linears
+would compute plain bf16, which the test tells apart below."""
+
+
 @pytest.mark.slow
 def test_zero3_on_two_ranks_equals_one_process(tiny_config):
-    """FSDP2 gathers each Float8Linear's whole weight before the forward, so its scale
-    (one per tensor or row) is the single process's, and so is every loss. (The ranks
-    inherit MEGAGPT_FP8_EMULATE from this process's environment.)"""
-    steps = ["train.max_steps=4", "train.eval_interval=0", "train.fp8=tensorwise"]
-    one = train_on_this_rank(bf16(tiny_config, *steps))[0]
+    """ZeRO-3 shards Float8Linear's weights and gathers them whole for the forward, so
+    each rank computes the single process's fp8 matmuls. (The ranks inherit
+    MEGAGPT_FP8_EMULATE from this process's environment.)"""
+    steps = ["train.max_steps=4", "train.eval_interval=0"]
+    one = train_on_this_rank(bf16(tiny_config, *steps, "train.fp8=tensorwise"))[0]
+    plain = f"train.output_dir={tiny_config.train.output_dir}-bf16"
+    without_fp8 = torch.tensor(train_on_this_rank(bf16(tiny_config, *steps, plain))[0].losses)
     out = f"train.output_dir={tiny_config.train.output_dir}-dp2"
-    config = bf16(tiny_config, *steps, out, "parallel.zero_stage=3")
-    two = run_distributed(train_on_this_rank, 2, args=(config,))[0][0]
-    torch.testing.assert_close(
-        torch.tensor(two.losses), torch.tensor(one.losses), rtol=1e-5, atol=0
-    )
+    config = bf16(tiny_config, *steps, out, "train.fp8=tensorwise", "parallel.zero_stage=3")
+    two = torch.tensor(run_distributed(train_on_this_rank, 2, args=(config,))[0][0].losses)
+    torch.testing.assert_close(two, torch.tensor(one.losses), rtol=ZERO3_TOLERANCE, atol=0)
+    assert not torch.allclose(two, without_fp8, rtol=1e-6, atol=0), "the ranks ran bf16"
 
 
 # ---------------------------------------------------------------- checkpoints
