@@ -146,7 +146,7 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model or one file")
     formats = p.add_subparsers(dest="format", required=True)
     hf = formats.add_parser(
-        "hf", help="a transformers model directory (GPT-2 or Llama), with the tokenizer"
+        "hf", help="a transformers model directory (GPT-2, Llama or Mixtral), with the tokenizer"
     )
     torch_file = formats.add_parser("torch", help="one consolidated state dict (torch.save)")
     for parser in (hf, torch_file):
@@ -166,7 +166,7 @@ def _add_export(sub) -> None:
 def _add_import(sub) -> None:
     p = sub.add_parser("import", help="a Hugging Face model as a megagpt checkpoint")
     formats = p.add_subparsers(dest="format", required=True)
-    hf = formats.add_parser("hf", help="a local transformers GPT-2 or Llama directory")
+    hf = formats.add_parser("hf", help="a local transformers GPT-2, Llama or Mixtral directory")
     hf.add_argument("--model", required=True, help="the transformers model directory")
     hf.add_argument(
         "--out", required=True, help="run directory; the checkpoint goes to <out>/checkpoints"

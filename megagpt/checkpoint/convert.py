@@ -139,7 +139,7 @@ def export_torch(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def import_hf(model_dir: str | Path, out: str | Path, overrides: Sequence[str] = ()) -> Path:
-    """Turn a local transformers GPT-2 or Llama directory into a megagpt checkpoint
+    """Turn a local transformers GPT-2, Llama or Mixtral directory into a megagpt checkpoint
     (weights only, step 0) under <out>/checkpoints, ready for `checkpoint.resume`."""
     import transformers
 

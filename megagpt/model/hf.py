@@ -1,11 +1,12 @@
 """How megagpt's GPT maps onto Hugging Face `transformers` models: names, shapes, configs.
 
 A GPT-2-like model (LayerNorm, learned positions, GELU) maps to GPT2LMHeadModel, a
-Llama-like one (RMSNorm, rotary, SwiGLU) to LlamaForCausalLM; other combinations have
-no matching architecture and are refused with the settings that differ. Conversions
-in which gibberish comes out are the field's classic failure, so the tests compare
-logits through `transformers` itself, and an import followed by an export reproduces
-the original weights bit for bit.
+Llama-like one (RMSNorm, rotary, SwiGLU) to LlamaForCausalLM, and a Llama-like mixture
+of experts to MixtralForCausalLM (hf_mixtral.py); other combinations have no matching
+architecture and are refused with the settings that differ. Conversions in which
+gibberish comes out are the field's classic failure, so the tests compare logits
+through `transformers` itself, and an import followed by an export reproduces the
+original weights bit for bit.
 
 Weight layout notes: GPT-2's `c_attn` is a Conv1D (weights stored transposed) holding
 [all queries | all keys | all values]; megagpt's fused QKV groups rows by key/value head
@@ -18,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from megagpt.config.errors import ConfigError
-from megagpt.config.schema import ModelConfig
+from megagpt.config.schema import ModelConfig, MoEConfig
+from megagpt.model import hf_mixtral
 
 GPT2_LIKE = {"norm": "layernorm", "position_embedding": "learned", "activation": "gelu"}
 LLAMA_LIKE = {"norm": "rmsnorm", "position_embedding": "rope", "activation": "swiglu"}
@@ -26,10 +28,8 @@ LLAMA_LIKE = {"norm": "rmsnorm", "position_embedding": "rope", "activation": "sw
 
 def architecture(cfg: ModelConfig) -> str:
     if cfg.moe.num_experts:
-        raise ConfigError(
-            "Hugging Face export of mixture-of-experts models (model.moe.num_experts > 0) "
-            "is not supported yet; only dense models (num_experts 0) map to GPT-2 or Llama"
-        )
+        hf_mixtral.check_exportable(cfg)
+        return "mixtral"
     for name, wanted in (("gpt2", GPT2_LIKE), ("llama", LLAMA_LIKE)):
         if all(getattr(cfg, k) == v for k, v in wanted.items()):
             if name == "gpt2" and not cfg.bias:
@@ -78,7 +78,7 @@ def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfi
 # ---------------------------------------------------------------- name maps
 def _name_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     """(megagpt name, transformers name, stored transposed by transformers) for every
-    tensor except the attention's query/key/value projections."""
+    tensor except the attention's query/key/value projections and Mixtral's experts."""
     parts = ("weight", "bias") if cfg.bias else ("weight",)
     if architecture(cfg) == "gpt2":  # Conv1D layers store their weights transposed
         layer = [
@@ -105,14 +105,12 @@ def _name_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
             ("attn_norm.weight", "input_layernorm.weight", False),
             ("mlp_norm.weight", "post_attention_layernorm.weight", False),
         ]
+        linear = [("attn.out_proj", "self_attn.o_proj")]
+        if architecture(cfg) == "llama":  # Mixtral's MLPs are experts, mapped apart
+            linear += [(f"mlp.{n}_proj", f"mlp.{n}_proj") for n in ("gate", "up", "down")]
         rows += [
             (f"{ours}.{part}", f"{theirs}.{part}", False)
-            for ours, theirs in (
-                ("attn.out_proj", "self_attn.o_proj"),
-                ("mlp.gate_proj", "mlp.gate_proj"),
-                ("mlp.up_proj", "mlp.up_proj"),
-                ("mlp.down_proj", "mlp.down_proj"),
-            )
+            for ours, theirs in linear
             for part in parts
         ]
         top = [
@@ -152,6 +150,8 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
             else:
                 for name, value in zip("qkv", (q, k, v)):
                     out[_qkv_name(cfg, i, name, part)] = value
+        if architecture(cfg) == "mixtral":
+            out.update(hf_mixtral.experts_to_hf(state, cfg, i))
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
@@ -180,6 +180,8 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None):
             attn_pdrop=cfg.attention_dropout,
             **common,
         )
+    if architecture(cfg) == "mixtral":
+        return hf_mixtral.mixtral_config(cfg, common)
     return transformers.LlamaConfig(
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.mlp_width,
@@ -224,16 +226,20 @@ def model_config_from_hf(config) -> ModelConfig:
             dropout=config.resid_pdrop,
             attention_dropout=config.attn_pdrop,
         )
-    if kind == "llama":
+    if kind in ("llama", "mixtral"):
         rope = getattr(config, "rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default":
             raise ConfigError(f"rope scaling {rope.get('rope_type')!r} is not supported")
-        if config.attention_bias != config.mlp_bias or config.hidden_act != "silu":
+        # Mixtral has no biases and no settings for them
+        bias = getattr(config, "attention_bias", False)
+        if bias != getattr(config, "mlp_bias", False) or config.hidden_act != "silu":
             raise ConfigError(
                 "megagpt's Llama shape needs attention_bias == mlp_bias and hidden_act silu"
             )
-        if config.head_dim * config.num_attention_heads != config.hidden_size:
+        head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        if head_dim * config.num_attention_heads != config.hidden_size:
             raise ConfigError("head_dim x num_attention_heads must equal hidden_size")
+        moe = hf_mixtral.moe_config_from_hf(config) if kind == "mixtral" else MoEConfig()
         return ModelConfig(
             vocab_size=config.vocab_size,
             max_seq_len=config.max_position_embeddings,
@@ -247,12 +253,13 @@ def model_config_from_hf(config) -> ModelConfig:
             norm_eps=config.rms_norm_eps,
             position_embedding="rope",
             rope_theta=rope.get("rope_theta", 10000.0),
-            bias=config.attention_bias,
+            bias=bias,
             tie_embeddings=config.tie_word_embeddings,
             fused_qkv=False,
             attention_dropout=config.attention_dropout,
+            moe=moe,
         )
-    raise ConfigError(f"model_type {kind!r}: megagpt imports gpt2 and llama models")
+    raise ConfigError(f"model_type {kind!r}: megagpt imports gpt2, llama and mixtral models")
 
 
 def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -280,4 +287,6 @@ def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
                     state[f"layers.{i}.attn.{name}_proj.{part}"] = hf_state[
                         _qkv_name(cfg, i, name, part)
                     ]
+        if architecture(cfg) == "mixtral":
+            state.update(hf_mixtral.experts_from_hf(hf_state, i))
     return {k: v.detach().contiguous().clone() for k, v in state.items()}

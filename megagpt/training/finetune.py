@@ -1,7 +1,7 @@
 """Fine-tuning: a run that starts from pretrained weights, on a labeled set.
 
 `finetune.init` names the weights: a megagpt checkpoint saved on any layout, or a
-Hugging Face GPT-2 or Llama directory (converted once into the run's output directory).
+Hugging Face GPT-2, Llama or Mixtral directory (converted once into the run's output directory).
 The model's shape comes from there (model.* settings other than dropout are replaced,
 with a warning where they differ), the tokenizer too unless data.tokenizer is given,
 and only the weights are loaded: the optimizer and learning-rate schedule start at step
