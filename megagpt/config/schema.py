@@ -180,6 +180,14 @@ class ParallelConfig:
     them. For long sequences; needs data.seq_len divisible by 2 x context_parallel_size,
     no attention dropout, and plain text (fine-tuning and classification: use 1)."""
 
+    expert_parallel_size: int = 1
+    """Ranks that split each mixture-of-experts layer's routed experts (expert
+    parallelism): each holds num_experts / expert_parallel_size of them and tokens travel
+    to their experts' rank and back by all-to-all. They are taken from the ranks that
+    shard parameters (data-parallel ranks at zero_stage >= 1, times context ranks), as
+    torchtitan does, so it must divide that number; the experts are sharded by ZeRO over
+    the rest."""
+
     data_parallel_size: int | None = None
     """Model replicas that split the global batch; None infers it as
     world size / (tensor_parallel_size x pipeline_parallel_size)."""
@@ -509,7 +517,7 @@ class LoraConfig:
 class FinetuneConfig:
     init: str | None = None
     """The weights to fine-tune: a megagpt checkpoint (step_N/, checkpoints/ root or run
-    directory, saved on any layout) or a Hugging Face GPT-2 or Llama directory. The
+    directory, saved on any layout) or a Hugging Face GPT-2, Llama or Mixtral directory. The
     optimizer and learning-rate schedule start fresh at step 0; once the fine-tune has
     checkpoints of its own, checkpoint.resume continues from those instead."""
 

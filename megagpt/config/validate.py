@@ -261,6 +261,7 @@ def validate_parallel(config: Config) -> None:
     )
     _check_engine(config)
     _check_context_parallel(config)
+    _check_expert_parallel(config)
     _check_fp8(config)
     if m.moe.num_experts:  # the plans key on the dense MLP; expert parallelism comes later
         for key in ("tensor_parallel_size", "pipeline_parallel_size"):
@@ -358,11 +359,6 @@ def _check_context_parallel(config: Config) -> None:
             not m.num_labels,
             "does not train classifiers (model.num_labels > 0); use "
             "parallel.context_parallel_size=1 for fine-tuning",
-        ),
-        (
-            not m.moe.num_experts,
-            "must be 1 with mixture-of-experts layers (their load-balancing losses are "
-            "per sequence)",
         ),
         (
             p.activation_checkpointing != "selective",
@@ -489,6 +485,42 @@ def _check_fp8(config: Config) -> None:
     )
 
 
+def _check_expert_parallel(config: Config) -> None:
+    ep, experts = config.parallel.expert_parallel_size, config.model.moe.num_experts
+    key = "parallel.expert_parallel_size"
+    _check(ep >= 1, key, ep, "must be >= 1")
+    if ep == 1:
+        return
+    _check(experts > 0, key, ep, "needs mixture-of-experts layers (model.moe.num_experts > 0)")
+    _check(
+        experts % ep == 0,
+        key,
+        ep,
+        f"must divide model.moe.num_experts ({experts}); sizes that do: "
+        f"{_divisors_near(experts, ep)}",
+    )
+    _check(
+        config.parallel.engine == "native",
+        key,
+        ep,
+        "needs parallel.engine=native (DeepSpeed's engine has no expert parallelism here)",
+    )
+
+
+def _check_expert_ranks(config: Config, dp: int) -> None:
+    """Expert-parallel ranks come out of the ranks that shard parameters."""
+    p = config.parallel
+    ep, cp = p.expert_parallel_size, p.context_parallel_size
+    sharding = (dp if p.zero_stage > 0 else 1) * cp
+    if sharding % ep:
+        raise ConfigError(
+            f"parallel.expert_parallel_size = {ep} must divide the ranks that shard "
+            f"parameters, {sharding} here (data-parallel ranks, {dp}, count only at "
+            f"parallel.zero_stage >= 1; times parallel.context_parallel_size, {cp}); e.g. "
+            f"parallel.zero_stage=1 with a data-parallel size that is a multiple of {ep}"
+        )
+
+
 def validate_world_size(config: Config, world_size: int) -> int:
     """The data-parallel size for `world_size` processes, or a ConfigError saying what
     would work (the layout checks that need the number of processes)."""
@@ -519,6 +551,8 @@ def validate_world_size(config: Config, world_size: int) -> int:
             f"{per_pass})"
         )
     _check_pipeline_microbatches(p.pipeline_schedule, pp, t.global_batch_size // per_pass, per_pass)
+    if p.expert_parallel_size > 1:
+        _check_expert_ranks(config, dp)
     return dp
 
 

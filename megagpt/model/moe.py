@@ -1,4 +1,4 @@
-"""A mixture-of-experts layer in place of a block's MLP (one process for now).
+"""A mixture-of-experts layer in place of a block's MLP.
 
 A router (a linear layer without bias) scores every expert for every token; each token
 goes to its top_k experts, whose outputs are summed weighted by the scores, plus the
@@ -10,7 +10,9 @@ the same layer as a plain loop over the experts, for tests.
 
 Routed experts have no biases (as Mixtral's and DeepSeek's); the shared experts are
 the model's own MLP, with model.bias. Their weights are stored stacked, (E, in, out),
-one parameter per matrix, so that expert parallelism can later shard them on dim 0.
+one parameter per matrix, so that expert parallelism shards them on dim 0 (and
+replaces GroupedExperts' forward with one that sends each row to its expert's rank,
+see parallel/expert_parallel.py).
 
 Balancing. The load-balancing loss is Switch's/Mixtral's E x sum_i f_i P_i (f_i: share
 of the token copies sent to expert i, P_i: mean router probability of expert i; 1 when
@@ -27,6 +29,8 @@ Shapes: S tokens (B x T), C hidden size, E experts, k top_k, F expert width.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,19 +60,32 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, C): token copies sorted by expert, counts[e] of them for expert e."""
-        dtype = compute_dtype(x)
-        offsets = counts.cumsum(0).to(torch.int32)  # where each expert's rows end
+        gate = self.gate_proj if self.swiglu else None
+        return expert_mlp(x, counts, self.up_proj, self.down_proj, gate)
 
-        def matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return torch._grouped_mm(rows, weight.to(dtype), offs=offsets)
 
-        x = x.to(dtype)
-        up = matmul(x, self.up_proj)  # (N, F)
-        if self.swiglu:
-            hidden = F.silu(matmul(x, self.gate_proj)) * up
-        else:
-            hidden = F.gelu(up, approximate="tanh")
-        return matmul(hidden, self.down_proj)  # (N, C)
+def expert_mlp(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_proj: torch.Tensor | None,
+) -> torch.Tensor:
+    """Rows x (N, C) sorted by expert, counts[e] of them for expert e, through the
+    stacked expert weights ((E, C, F), (E, F, C)): SwiGLU with a gate, else tanh GELU."""
+    dtype = compute_dtype(x)
+    offsets = counts.cumsum(0).to(torch.int32)  # where each expert's rows end
+
+    def matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(rows, weight.to(dtype), offs=offsets)
+
+    x = x.to(dtype)
+    up = matmul(x, up_proj)  # (N, F)
+    if gate_proj is not None:
+        hidden = F.silu(matmul(x, gate_proj)) * up
+    else:
+        hidden = F.gelu(up, approximate="tanh")
+    return matmul(hidden, down_proj)  # (N, C)
 
 
 class MoE(nn.Module):
@@ -101,6 +118,9 @@ class MoE(nn.Module):
         )
         self.balance_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
+        # Under context parallelism a sequence's tokens are spread over ranks: this sums
+        # a per-sequence tensor over them in place (set by parallel/context_parallel.py).
+        self.sum_over_sequence: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -164,7 +184,12 @@ class MoE(nn.Module):
         copies = chosen.view(rows, -1)  # (B, T k)
         shares = torch.zeros(rows, E, device=chosen.device)  # (B, E): f_i per sequence
         shares.scatter_add_(1, copies, torch.ones_like(copies, dtype=shares.dtype))
-        shares /= copies.shape[1]
+        if self.sum_over_sequence is not None:
+            # f_i counts the whole sequence's copies. P_i and the z-loss stay means over
+            # this rank's tokens: the loss is linear in them, and the ranks' losses are
+            # averaged (as their LM losses are), which makes them the sequence's means.
+            self.sum_over_sequence(shares)
+        shares /= shares.sum(-1, keepdim=True)
         self.balance_loss = E * (shares * mean_probs).sum(-1)  # (B,)
         self.z_loss = logits.logsumexp(-1).square().view(rows, -1).mean(1)  # (B,)
         self.tokens_per_expert.copy_(counts)

@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megagpt.config import ConfigError
+from megagpt.model.moe import MoE
 
 KERNELS = ("auto", "fused", "math")
 """Block kernels of `ring_attention`: "fused" is torch's CPU flash kernel (CPU only),
@@ -333,7 +334,11 @@ def apply_context_parallel(part: nn.Module, group: dist.ProcessGroup) -> None:
     """Make every attention layer of `part` (a GPT or pipeline stage) a ring over the
     context-parallel `group`. The model stays free of torch.distributed: Attention calls
     its `attention_fn` in place of SDPA when one is set (causal attention only; the
-    batches bring each rank's share of the sequence and its positions)."""
+    batches bring each rank's share of the sequence and its positions), and an MoE
+    layer its `sum_over_sequence` for the balance loss's per-sequence counts."""
     attention = functools.partial(ring_attention, group=group)
     for block in part.layers.values():
         block.attn.attention_fn = attention
+    for module in part.modules():  # MoE layers' balance loss counts whole sequences
+        if isinstance(module, MoE):
+            module.sum_over_sequence = functools.partial(dist.all_reduce, group=group)

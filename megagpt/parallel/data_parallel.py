@@ -28,6 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
 from megagpt.model.gpt import GPT
+from megagpt.model.moe import MoE
 
 OFFLOAD_DESCRIPTION = (
     "CPU offload (sharded parameters, gradients and optimizer state in host memory, "
@@ -42,12 +43,23 @@ def apply_data_parallel(
     zero_stage: int,
     cpu_offload: bool = False,
     pin_memory: bool = False,
+    expert_mesh: DeviceMesh | None = None,
 ) -> None:
     """Wrap every block, then the root, in FSDP2 (with the same offload policy: FSDP2
     moves each group's shards on its own). `pin_memory` speeds host-device copies; only
-    CUDA has pinned memory."""
+    CUDA has pinned memory. With expert parallelism (`expert_mesh`, see dims.py) the
+    routed experts are wrapped first, over the ranks that hold the same experts, so
+    their block's group leaves them out."""
     dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
     offload = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
+    if expert_mesh is not None:
+        for moe in moe_layers(part):
+            fully_shard(
+                moe.experts,
+                mesh=expert_mesh["dp_replicate", "efsdp"],
+                reshard_after_forward=zero_stage == 3,
+                offload_policy=offload,
+            )
     for block in part.layers.values():  # one communication group per block
         fully_shard(
             block, mesh=dp_mesh, reshard_after_forward=zero_stage == 3, offload_policy=offload
@@ -55,6 +67,10 @@ def apply_data_parallel(
     # The root (embeddings, final norm, output layer) is needed again as soon as
     # backward starts, so it stays gathered through the step, as in torchtitan.
     fully_shard(part, mesh=dp_mesh, reshard_after_forward=False, offload_policy=offload)
+
+
+def moe_layers(part: GPT) -> list[MoE]:
+    return [m for m in part.modules() if isinstance(m, MoE)]
 
 
 @torch.no_grad()

@@ -12,6 +12,12 @@ a share of every sequence and compute gradients of the same parameters from it, 
 they join FSDP2's shard dimension (torchtitan's "dp_shard_cp"): parameters are sharded
 over data x context ranks and gradients averaged over them, also at zero_stage 0.
 
+Expert parallelism (parallel.expert_parallel_size) takes its ranks from that shard
+dimension too: the data x context ranks are regrouped, on a second mesh over the same
+processes, as ("efsdp", "ep") with expert-parallel ranks neighbours. Each "ep" group
+holds every routed expert once (a share on each rank), and ZeRO shards those shares
+over "efsdp" (torchtitan's dense and sparse meshes).
+
 Native CPU offload (parallel.offload_optimizer or offload_params = cpu) is FSDP2's too,
 so it puts every layout under FSDP2, one process included (a mesh of size 1).
 """
@@ -35,6 +41,7 @@ class ParallelDims:
     tp: int
     zero_stage: int
     cp: int = 1
+    ep: int = 1
     cpu_offload: bool = False
     """FSDP2 keeps the sharded parameters, their gradients and the optimizer state in
     host memory and steps the optimizer there (see data_parallel.py)."""
@@ -68,6 +75,10 @@ class ParallelDims:
         """Ranks whose gradients FSDP2 averages: every data-parallel rank and every
         context-parallel rank (each computes its share of the same sequences)."""
         return self.dp * self.cp
+
+    @property
+    def expert_enabled(self) -> bool:
+        return self.ep > 1
 
     @property
     def data_enabled(self) -> bool:
@@ -105,6 +116,7 @@ class ParallelDims:
             dp=dp,
             tp=p.tensor_parallel_size,
             cp=p.context_parallel_size,
+            ep=p.expert_parallel_size,
             zero_stage=p.zero_stage,
             cpu_offload=native_cpu_offload(config),
         )
@@ -114,6 +126,15 @@ class ParallelDims:
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # FSDP2's shard dimension
         return mesh
+
+    def build_expert_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
+        """The same processes as `mesh`, with the shard dimension (data x context ranks)
+        split into ("efsdp", "ep"): routed experts are sharded over "ep" and their
+        shares by ZeRO over "efsdp"."""
+        efsdp = self.dp_shard * self.cp // self.ep
+        shape = (self.pp, self.dp_replicate, efsdp, self.ep, self.tp)
+        names = ("pp", "dp_replicate", "efsdp", "ep", "tp")
+        return mesh._flatten("world")._unflatten(0, shape, names)
 
 
 def native_cpu_offload(config: Config) -> bool:

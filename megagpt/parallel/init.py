@@ -3,7 +3,8 @@
 `GPT.initial_value` gives each parameter's full value from a generator seeded by its
 name. A rank keeps its own piece: the tensor-parallel slice of the full tensor, then
 FSDP's dim-0 chunk of that slice (FSDP2 shards the tensor-parallel local tensor,
-which is why its global placement is "strided"). Only one full parameter exists at a
+which is why its global placement is "strided"); routed experts likewise: the
+expert-parallel share, then FSDP's chunk of it. Only one full parameter exists at a
 time, so a model too large for one device can be initialized after sharding.
 """
 
@@ -27,13 +28,17 @@ def local_piece(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         tp_placement = placements[names.index("tp")]
         piece = distribute_tensor(piece, mesh["tp"], [tp_placement], src_data_rank=None)
         piece = piece.to_local()
-    if "dp_shard_cp" in names:  # FSDP2's shard dimension (data x context ranks)
-        index = names.index("dp_shard_cp")
+    if "ep" in names:  # routed experts: whole experts per expert-parallel rank
+        piece = torch.chunk(piece, mesh.size(names.index("ep")), dim=0)[mesh.get_local_rank("ep")]
+    for fsdp_dim in ("dp_shard_cp", "efsdp"):  # FSDP2's shard dimension (dense, experts)
+        if fsdp_dim not in names:
+            continue
+        index = names.index(fsdp_dim)
         # FSDP2 marks dim-0 shards of tensor-parallel shards as _StridedShard, which
         # (in torch 2.13) is neither a Shard subclass nor reports is_shard().
         if isinstance(placements[index], (Shard, _StridedShard)):
             chunks = list(torch.chunk(piece, mesh.size(index), dim=0))
-            rank = mesh.get_local_rank("dp_shard_cp")
+            rank = mesh.get_local_rank(fsdp_dim)
             piece = chunks[rank] if rank < len(chunks) else piece[:0]
     return piece
 

@@ -27,6 +27,7 @@ from megagpt.parallel.data_parallel import OFFLOAD_DESCRIPTION, apply_data_paral
 from megagpt.parallel.deepspeed_engine import build_deepspeed_module
 from megagpt.parallel.dims import ParallelDims, device_type
 from megagpt.parallel.env import DistributedEnv
+from megagpt.parallel.expert_parallel import apply_expert_parallel
 from megagpt.parallel.float8 import apply_float8
 from megagpt.parallel.init import materialize_shards
 from megagpt.parallel.lora import add_adapters
@@ -60,14 +61,16 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
     p, t = config.parallel, config.train
     dims = ParallelDims.from_config(config, env.world_size)
     mesh = dims.build_mesh(device_type(env.device))
+    expert_mesh = dims.build_expert_mesh(mesh) if dims.expert_enabled else None
     log.info(
-        "layout: %d process%s = pipeline %d x data %d x %stensor %d",
+        "layout: %d process%s = pipeline %d x data %d x %stensor %d%s",
         env.world_size,
         "es" if env.world_size > 1 else "",
         dims.pp,
         dims.dp,
         f"context {dims.cp} x " if dims.cp > 1 else "",
         dims.tp,
+        f"; experts over {dims.ep} of the data x context ranks" if dims.ep > 1 else "",
     )
     meta = build_meta_model(config.model)
     if config.finetune.lora.rank:
@@ -84,12 +87,21 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
             apply_tensor_parallel(part, mesh["tp"], p.sequence_parallel)
         if dims.context_enabled:
             apply_context_parallel(part, mesh.get_group("cp"))
+        if expert_mesh is not None:
+            apply_expert_parallel(part, expert_mesh["ep"])
         apply_activation_checkpointing(part, p.activation_checkpointing)
         if t.compile:
             compile_blocks(part)
         if dims.fsdp_enabled:
             pin = env.device.type == "cuda"
-            apply_data_parallel(part, mesh, dims.zero_stage, dims.cpu_offload, pin_memory=pin)
+            apply_data_parallel(
+                part,
+                mesh,
+                dims.zero_stage,
+                dims.cpu_offload,
+                pin_memory=pin,
+                expert_mesh=expert_mesh,
+            )
         # FSDP2 wants offloaded shards allocated on the CPU; buffers still compute on device.
         materialize_shards(part, torch.device("cpu") if dims.cpu_offload else env.device, t.seed)
         if dims.cpu_offload:
@@ -102,6 +114,12 @@ def parallelize(config: Config, env: DistributedEnv) -> TrainModule:
         )
     if dims.context_enabled:
         log.info("context parallel: %d ranks (head and tail chunks, ring attention)", dims.cp)
+    if dims.expert_enabled:
+        log.info(
+            "expert parallel: %d ranks (%d routed experts each, tokens sent by all-to-all)",
+            dims.ep,
+            config.model.moe.num_experts // dims.ep,
+        )
     if p.activation_checkpointing != "none":
         log.info("activation checkpointing: %s", p.activation_checkpointing)
     if t.compile:

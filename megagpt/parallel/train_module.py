@@ -75,6 +75,15 @@ class ScaledLoss:
         return cross_entropy(logits, targets, reduction="sum") * self.scale
 
 
+def grads_by_mesh(grads: list[torch.Tensor]) -> dict[object, list[torch.Tensor]]:
+    """Gradients grouped by device and device mesh: a foreach op takes one of each
+    (routed experts under expert parallelism live on a mesh of their own)."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for grad in grads:
+        groups.setdefault((grad.device, getattr(grad, "device_mesh", None)), []).append(grad)
+    return groups
+
+
 class TrainModule:
     def __init__(
         self,
@@ -374,11 +383,8 @@ class TrainModule:
         factor = torch.full((), 1.0 / loss_scale, device=norm.device)
         if max_norm > 0:
             factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0) / loss_scale
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for grad in grads:
-            by_device.setdefault(grad.device, []).append(grad)
-        for device, group in by_device.items():
-            torch._foreach_mul_(group, factor.to(device))
+        for group in grads_by_mesh(grads).values():
+            torch._foreach_mul_(group, factor.to(group[0].device))
 
     def optimizer_step(self, lr: float) -> None:
         self.optimizers.set_lr(lr)
@@ -419,9 +425,13 @@ class TrainModule:
         params = [p for p in self.parameters() if p.grad is not None]
         # The last stage's copy of a tied embedding is counted once, on the first stage.
         counted = [p for p in params if not (self._tied_param is p and not self.has_first_stage)]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in counted], 2.0, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # sums squares over data and tensor shards
+        squares = []
+        for grads in grads_by_mesh([p.grad for p in counted]).values():
+            norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()  # sums squares over data and tensor shards
+            squares.append(norm.pow(2))
+        norm = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
         if self.dims.pipeline_enabled:
             squared = norm.pow(2)
             dist.all_reduce(squared, group=self.mesh.get_group("pp"))
