@@ -1,10 +1,13 @@
 """Throughput of the parallel layouts on two ranks, relative to plain data parallelism.
 
 Runs megagpt's real training loop on two gloo processes (one CPU core each) for each
-layout: dp2 ZeRO-0 (the baseline), dp2 ZeRO-1, dp2 ZeRO-3, tp2, and pp2 with 1F1B
-over 8 microbatches. All see the same model, global batch and data; every layout is
-run `--rounds` times in alternation and its median tokens/s over steps after the
-second is reported, with the ratio to the baseline.
+layout: dp2 ZeRO-0 (the baseline), dp2 ZeRO-1, dp2 ZeRO-3, tp2, pp2 with 1F1B over 8
+microbatches and cp2 (context parallel, ring attention). All see the same model,
+global batch and data. Expert parallelism needs a mixture-of-experts model: the same
+model with 8 experts (top 2, a quarter of the MLP width each, so as many active
+weights as the dense MLP) runs as dp2 ZeRO-0 (its own baseline), dp2 ZeRO-1 and ep2
+ZeRO-1. Every layout is run `--rounds` times in alternation and its median tokens/s
+over steps after the second is reported, with the ratio to its baseline.
 
     python benchmarks/parallel_overhead.py [--steps 8] [--rounds 2]
 """
@@ -34,6 +37,19 @@ LAYOUTS = {
         "parallel.pipeline_parallel_size=2",
         "parallel.pipeline_schedule=1f1b",
     ],
+    "cp2": ["parallel.context_parallel_size=2"],
+}
+MOE = [
+    "model.activation=swiglu",
+    "model.moe.num_experts=8",
+    "model.moe.top_k=2",
+    "model.moe.expert_width=176",  # a quarter of the dense SwiGLU width (704)
+]
+MOE_BASELINE = "moe dp2 zero0 (baseline)"
+MOE_LAYOUTS = {
+    MOE_BASELINE: [*MOE, "parallel.zero_stage=0"],
+    "moe dp2 zero1": [*MOE, "parallel.zero_stage=1"],
+    "moe ep2 zero1": [*MOE, "parallel.zero_stage=1", "parallel.expert_parallel_size=2"],
 }
 
 
@@ -80,13 +96,19 @@ def main() -> None:
             "logging.peak_tflops=1",
             "checkpoint.keep_last=1",
         ]
-        rates: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+        layouts = LAYOUTS | MOE_LAYOUTS
+        rates: dict[str, list[float]] = {name: [] for name in layouts}
         started = time.perf_counter()
         for round_ in range(args.rounds):
-            order = list(LAYOUTS.items())
+            order = list(layouts.items())
             for name, overrides in order if round_ % 2 == 0 else order[::-1]:
                 rates[name].append(measure(overrides, base, workdir, args.steps))
-    baseline = statistics.median(rates["dp2 zero0 (baseline)"])
+    baselines = {
+        name: statistics.median(
+            rates[MOE_BASELINE if name in MOE_LAYOUTS else "dp2 zero0 (baseline)"]
+        )
+        for name in rates
+    }
     print(
         f"2 gloo ranks x 1 CPU thread; 4 layers, hidden 256, vocab 4096, global batch 16 x "
         f"128 tokens; median over steps 3-{args.steps} of {args.rounds} runs each "
@@ -94,7 +116,7 @@ def main() -> None:
     )
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"{name:>26}: {median:8.0f} tokens/s   ratio {median / baseline:.3f}")
+        print(f"{name:>26}: {median:8.0f} tokens/s   ratio {median / baselines[name]:.3f}")
 
 
 if __name__ == "__main__":

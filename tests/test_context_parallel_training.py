@@ -5,7 +5,8 @@ The layouts of tests/test_parallel.py, held to the same single-process reference
 weights within 1e-5), with parallel.context_parallel_size = 2 alone and composed with
 tensor, data (ZeRO-3) and pipeline parallelism; GPT-2's learned positions and Llama's
 rotary ones each appear. The cp2 run also checkpoints at step 3, and one process
-resumes from it to the reference's losses. The building block (ring attention, the
+resumes from it to the reference's losses. Sequences 8x the per-rank length train
+at cp8, and a step's activations per rank halve at cp2. The building block (ring attention, the
 split) is tested in tests/test_context_parallel.py.
 """
 
@@ -16,8 +17,10 @@ import torch
 
 from megagpt.config import ConfigError, apply_overrides
 from megagpt.parallel.batches import Microbatch
+from megagpt.testing import run_distributed
 from megagpt.training.trainer import train
 from tests import test_parallel
+from tests.activation_probe import measure_layout
 from tests.test_parallel import GPT2, LLAMA, PP2, TP2, layout_error
 from tests.test_parallel import test_layout_trains_like_one_process as check_layout
 
@@ -95,3 +98,30 @@ def test_packed_examples_are_refused_under_context_parallelism():
     share = Microbatch(ids, ids).context_share(1, 2)  # chunks 1 and 2 of 4
     assert share.inputs[0].tolist() == [2, 3, 4, 5]
     assert share.positions.tolist() == [[2, 3, 4, 5]] * 2
+
+
+def test_activation_bytes_per_rank_halve_at_cp2(tmp_path):
+    """A whole step's peak saved activations per rank (forward and backward of every
+    microbatch) at the same sequence length: every activation is per token, so cp2
+    holds about half; the excess is the ring's saved key/value blocks. (0.524 when
+    written; benchmarks/context_memory.py prints cp4 and cp8 too.)"""
+    sizes = {"data.seq_len": 256, "model.max_seq_len": 256}
+    one = measure_layout(sizes, 1, str(tmp_path))[0]["activations"]
+    two = measure_layout({**sizes, "parallel.context_parallel_size": 2}, 2, str(tmp_path))
+    ratio = max(rank["activations"] for rank in two) / one
+    assert 0.45 < ratio < 0.55, f"cp2 / cp1 activation bytes per rank: {ratio:.3f}"
+
+
+@pytest.mark.slow
+def test_eight_times_the_per_rank_sequence_trains_at_cp8(tiny_config):
+    """Sequences of 256 tokens on 8 context ranks (32 each, the length the other tests
+    train at) give one process's losses."""
+    long = ["data.seq_len=256", "model.max_seq_len=256", "train.max_steps=3"]
+    long += ["train.eval_interval=0", "logging.tensorboard=false"]
+    reference = train(apply_overrides(tiny_config, long, "one"))
+    out = f"train.output_dir={tiny_config.train.output_dir}-cp8"
+    config = apply_overrides(tiny_config, [*long, out, "parallel.context_parallel_size=8"], "cp8")
+    result = run_distributed(train, 8, args=(config,))[0]
+    torch.testing.assert_close(
+        torch.tensor(result.losses), torch.tensor(reference.losses), rtol=1e-5, atol=0
+    )
