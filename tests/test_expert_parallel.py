@@ -31,6 +31,7 @@ SETTINGS = [
 LLAMA = ["model.norm=rmsnorm", "model.position_embedding=rope", "model.activation=swiglu"]
 EP2 = "parallel.expert_parallel_size=2"
 CP2 = "parallel.context_parallel_size=2"
+TP2 = "parallel.tensor_parallel_size=2"
 
 LAYOUTS = [  # (name, processes, settings)
     ("ep2-zero1", 2, [EP2, "parallel.zero_stage=1"]),
@@ -38,6 +39,9 @@ LAYOUTS = [  # (name, processes, settings)
     ("ep2-dp4-zero1", 4, [EP2, "parallel.zero_stage=1"]),  # experts also sharded by ZeRO
     ("cp2", 2, [CP2]),  # the balance loss counts each sequence over both halves
     ("cp2-ep2", 2, [CP2, EP2]),  # the context ranks hold half of the experts each
+    ("tp2", 2, [TP2]),  # router and experts whole on both tensor ranks
+    ("tp2-sp-swiglu", 2, [TP2, "parallel.sequence_parallel=true", *LLAMA]),
+    ("ep2-tp2", 4, [EP2, TP2, "parallel.zero_stage=1"]),
 ]
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from megagpt.config.schema import ModelConfig
 from megagpt.model.kv_cache import KVCache
@@ -329,7 +330,10 @@ class GPT(nn.Module):
             if targets is not None:
                 h = cross_entropy(h, targets, reduction)
                 if self.training and self.config.moe.num_experts:
-                    h = h + self.moe_auxiliary_loss(targets, reduction)
+                    aux = self.moe_auxiliary_loss(targets, reduction)
+                    if isinstance(h, DTensor):  # tensor parallel's loss, whole on every rank
+                        aux = DTensor.from_local(aux, h.device_mesh, h.placements, run_check=False)
+                    h = h + aux
         return h if classes is None else (h, classes)
 
     @property

@@ -10,6 +10,13 @@ so the loss is computed without ever gathering them (`loss_parallel`).
 Everything else (norms, the position table) is computed identically on every rank;
 those parameters become replicated DTensors too, so that every parameter of the
 model is a DTensor and clipping and checkpointing treat them all alike.
+
+Mixture-of-experts layers: the router and the routed experts are computed whole on
+every tensor-parallel rank from the whole sequence (as Megatron without expert tensor
+parallelism; expert parallelism, not tensor parallelism, splits the experts), and
+stay plain parameters, which ZeRO shards over the data-parallel ranks like any
+other (every tensor-parallel rank holds the same values and computes the same
+gradients). Shared experts are an MLP and split like one.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
 from megagpt.model.gpt import GPT
+from megagpt.model.moe import MoE
 from megagpt.parallel.lora import keep_base_frozen, lora_plan
 
 
@@ -83,22 +92,30 @@ def tensor_parallel_plan(part: GPT, sequence_parallel: bool) -> dict[str, Parall
         prefix = f"layers.{name}"
         plan[f"{prefix}.attn_norm"] = norm
         plan[f"{prefix}.mlp_norm"] = norm
+        moe = isinstance(block.mlp, MoE)
         if sp:
             plan[f"{prefix}.attn"] = gather
-            plan[f"{prefix}.mlp"] = PrepareModuleInput(
-                input_layouts=(Shard(1),),
-                desired_input_layouts=(Replicate(),),
-                use_local_output=True,
-            )
+            layouts = dict(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            if moe:  # its output is whole on every rank: each keeps its slice
+                plan[f"{prefix}.mlp"] = PrepareModuleInputOutput(
+                    **layouts,
+                    use_local_input=True,
+                    output_layouts=(Replicate(),),
+                    desired_output_layouts=(Shard(1),),
+                )
+            else:
+                plan[f"{prefix}.mlp"] = PrepareModuleInput(**layouts, use_local_output=True)
         projections = (
             ["qkv_proj"] if hasattr(block.attn, "qkv_proj") else ["q_proj", "k_proj", "v_proj"]
         )
         for proj in projections:
             plan[f"{prefix}.attn.{proj}"] = ColwiseParallel()
         plan[f"{prefix}.attn.out_proj"] = RowwiseParallel(output_layouts=between)
-        for proj in ("gate_proj", "up_proj") if block.mlp.swiglu else ("up_proj",):
-            plan[f"{prefix}.mlp.{proj}"] = ColwiseParallel()
-        plan[f"{prefix}.mlp.down_proj"] = RowwiseParallel(output_layouts=between)
+        if moe:
+            if block.mlp.shared is not None:
+                plan.update(mlp_plan(f"{prefix}.mlp.shared", block.mlp.shared, Replicate()))
+        else:
+            plan.update(mlp_plan(f"{prefix}.mlp", block.mlp, between))
     if part.final_norm is not None:
         plan["final_norm"] = norm
     if getattr(part, "score", None) is not None:  # classification: small, replicated
@@ -112,6 +129,15 @@ def tensor_parallel_plan(part: GPT, sequence_parallel: bool) -> dict[str, Parall
         plan["lm_head"] = ColwiseParallel(
             input_layouts=between, output_layouts=Shard(-1), use_local_output=False
         )
+    return plan
+
+
+def mlp_plan(prefix: str, mlp: nn.Module, output: Shard | Replicate) -> dict[str, ParallelStyle]:
+    """Megatron's MLP: input projections column-parallel, the output row-parallel."""
+    plan: dict[str, ParallelStyle] = {}
+    for proj in ("gate_proj", "up_proj") if mlp.swiglu else ("up_proj",):
+        plan[f"{prefix}.{proj}"] = ColwiseParallel()
+    plan[f"{prefix}.down_proj"] = RowwiseParallel(output_layouts=output)
     return plan
 
 
