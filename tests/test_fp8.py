@@ -114,28 +114,42 @@ def test_fp8_trains_like_bf16(tiny_config):
         assert losses[-1] < losses[0] - 0.3  # it learns
 
 
-ZERO3_TOLERANCE = 2e-4
-"""Relative distance allowed between ZeRO-3's fp8 losses and one process's. FSDP2
-gathers each weight in bf16 (its param dtype), so a tensorwise scale comes from the
-bf16-rounded amax rather than the fp32 master's, and a few e4m3 roundings land on the
-other side: a CI run saw 3.6e-5 at the fourth step. A rank that lost its Float8Linears
-would compute plain bf16, which the test tells apart below."""
+PARALLEL_TOLERANCE = 2e-4
+"""Relative distance allowed between a parallel layout's fp8 losses and one process's.
+FSDP2 gathers each weight in bf16 (its param dtype), so a tensorwise scale comes from
+the bf16-rounded amax rather than the fp32 master's, and tensor parallelism adds up
+bf16 partial sums in another order: a few e4m3 roundings land on the other side (CI
+saw 3.6e-5 at ZeRO-3's fourth step; tp2 stayed within 4e-5 when written). A rank that
+lost its Float8Linears would compute plain bf16, which the test tells apart below."""
+
+FP8_LAYOUTS = {  # name: (recipe, processes, settings)
+    "zero3-tensorwise": ("tensorwise", 2, ["parallel.zero_stage=3"]),
+    # torchao's scales of sharded weights reduce over the shards (DTensor amax)
+    "tp2-sp-rowwise": (
+        "rowwise",
+        2,
+        ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
+    ),
+}
 
 
 @pytest.mark.slow
-def test_zero3_on_two_ranks_equals_one_process(tiny_config):
-    """ZeRO-3 shards Float8Linear's weights and gathers them whole for the forward, so
-    each rank computes the single process's fp8 matmuls. (The ranks inherit
-    MEGAGPT_FP8_EMULATE from this process's environment.)"""
+@pytest.mark.parametrize("layout", FP8_LAYOUTS)
+def test_parallel_layouts_equal_one_process(tiny_config, layout):
+    """ZeRO-3 shards Float8Linear's weights and gathers them whole for the forward;
+    tensor parallelism computes each matmul's shards in fp8 with the whole tensor's
+    scales: either way each rank computes the single process's fp8 matmuls. (The ranks
+    inherit MEGAGPT_FP8_EMULATE from this process's environment.)"""
+    recipe, world, settings = FP8_LAYOUTS[layout]
     steps = ["train.max_steps=4", "train.eval_interval=0"]
-    one = train_on_this_rank(bf16(tiny_config, *steps, "train.fp8=tensorwise"))[0]
+    one = train_on_this_rank(bf16(tiny_config, *steps, f"train.fp8={recipe}"))[0]
     plain = f"train.output_dir={tiny_config.train.output_dir}-bf16"
     without_fp8 = torch.tensor(train_on_this_rank(bf16(tiny_config, *steps, plain))[0].losses)
-    out = f"train.output_dir={tiny_config.train.output_dir}-dp2"
-    config = bf16(tiny_config, *steps, out, "train.fp8=tensorwise", "parallel.zero_stage=3")
-    two = torch.tensor(run_distributed(train_on_this_rank, 2, args=(config,))[0][0].losses)
-    torch.testing.assert_close(two, torch.tensor(one.losses), rtol=ZERO3_TOLERANCE, atol=0)
-    assert not torch.allclose(two, without_fp8, rtol=1e-6, atol=0), "the ranks ran bf16"
+    out = f"train.output_dir={tiny_config.train.output_dir}-{layout}"
+    config = bf16(tiny_config, *steps, out, f"train.fp8={recipe}", *settings)
+    losses = torch.tensor(run_distributed(train_on_this_rank, world, args=(config,))[0][0].losses)
+    torch.testing.assert_close(losses, torch.tensor(one.losses), rtol=PARALLEL_TOLERANCE, atol=0)
+    assert not torch.allclose(losses, without_fp8, rtol=1e-6, atol=0), "the ranks ran bf16"
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -203,7 +217,6 @@ def test_refused_where_compute_is_not_bf16(tiny_config):
             ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
             "needs parallel.engine=native",
         ),
-        (["parallel.tensor_parallel_size=2"], "not supported with parallel.tensor_parallel_size"),
     ],
 )
 def test_validation_refusals(tiny_config, overrides, fragment):

@@ -455,8 +455,8 @@ def _check_engine(config: Config) -> None:
 
 
 def _check_fp8(config: Config) -> None:
-    """FP8 runs on bf16 autocast of the native engine, without tensor parallelism (its
-    sharded matmuls would need torchao's Float8 tensor-parallel styles)."""
+    """FP8 runs on bf16 autocast of the native engine (any layout: torchao scales a
+    sharded weight by the amax of the whole DTensor)."""
     t, p = config.train, config.parallel
     if t.fp8 == "none":
         return
@@ -473,13 +473,6 @@ def _check_fp8(config: Config) -> None:
         t.fp8,
         "needs parallel.engine=native (the DeepSpeed engine builds its own modules); "
         "or set train.fp8=none",
-    )
-    _check(
-        p.tensor_parallel_size == 1,
-        "train.fp8",
-        t.fp8,
-        f"is not supported with parallel.tensor_parallel_size = {p.tensor_parallel_size} "
-        "yet; use data parallelism / ZeRO or pipeline parallelism, or set train.fp8=none",
     )
 
 
