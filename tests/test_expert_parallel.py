@@ -32,6 +32,12 @@ LLAMA = ["model.norm=rmsnorm", "model.position_embedding=rope", "model.activatio
 EP2 = "parallel.expert_parallel_size=2"
 CP2 = "parallel.context_parallel_size=2"
 TP2 = "parallel.tensor_parallel_size=2"
+PP2_INTERLEAVED = [
+    "parallel.pipeline_parallel_size=2",
+    "parallel.pipeline_schedule=interleaved_1f1b",
+    "parallel.virtual_stages=2",
+    "model.n_layers=4",
+]
 
 LAYOUTS = [  # (name, processes, settings)
     ("ep2-zero1", 2, [EP2, "parallel.zero_stage=1"]),
@@ -42,6 +48,9 @@ LAYOUTS = [  # (name, processes, settings)
     ("tp2", 2, [TP2]),  # router and experts whole on both tensor ranks
     ("tp2-sp-swiglu", 2, [TP2, "parallel.sequence_parallel=true", *LLAMA]),
     ("ep2-tp2", 4, [EP2, TP2, "parallel.zero_stage=1"]),
+    # stage 0's auxiliary losses reach backward through the hidden states it sends
+    ("pp2", 2, ["parallel.pipeline_parallel_size=2"]),
+    ("pp2-interleaved-ep2-swiglu", 4, [*PP2_INTERLEAVED, EP2, "parallel.zero_stage=1", *LLAMA]),
 ]
 
 
@@ -104,7 +113,7 @@ def assert_same_weights(weights: dict, reference: dict) -> None:
 
 @pytest.mark.parametrize("name, world, layout", LAYOUTS, ids=[x[0] for x in LAYOUTS])
 def test_layout_trains_like_one_process(tiny_config, tmp_path, name, world, layout):
-    family = [s for s in layout if s in LLAMA]
+    family = [s for s in layout if s.startswith("model.")]  # the reference's model too
     reference_config = with_moe(tiny_config, f"train.output_dir={tmp_path}/one", *family)
     reference = train(reference_config)
     config = apply_overrides(reference_config, [*layout, f"train.output_dir={tmp_path}/ep"], name)

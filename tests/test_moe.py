@@ -287,7 +287,6 @@ def test_active_parameters_and_flops_of_a_small_moe_model():
         (["model.moe.num_experts=4", "model.moe.expert_width=20"], "model.moe.expert_width"),
         (["model.moe.num_experts=4", "model.moe.every_n_layers=3"], "model.moe.every_n_layers"),
         (["model.moe.num_experts=4", "model.moe.aux_loss_coeff=-1"], "model.moe.aux_loss_coeff"),
-        (["model.moe.num_experts=4", "parallel.pipeline_parallel_size=2"], "pipeline_parallel"),
     ],
 )
 def test_settings_that_do_not_fit_are_refused(tiny_config, overrides, key):

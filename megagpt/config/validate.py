@@ -263,14 +263,6 @@ def validate_parallel(config: Config) -> None:
     _check_context_parallel(config)
     _check_expert_parallel(config)
     _check_fp8(config)
-    if m.moe.num_experts:  # the auxiliary losses join the loss on the last stage only
-        _check(
-            p.pipeline_parallel_size == 1,
-            "parallel.pipeline_parallel_size",
-            p.pipeline_parallel_size,
-            "must be 1 with mixture-of-experts layers (model.moe.num_experts > 0) for now: "
-            "use tensor, context, expert or data parallelism",
-        )
     tp = p.tensor_parallel_size
     for count, what in (
         (m.n_heads, f"model.n_heads ({m.n_heads})"),

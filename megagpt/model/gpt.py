@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from megagpt.config.schema import ModelConfig
 from megagpt.model.kv_cache import KVCache
@@ -230,6 +229,22 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class _AddGradient(torch.autograd.Function):
+    """Returns x unchanged; in backward, `loss` receives gradient 1, as if it had been
+    added to the final loss (Megatron's MoEAuxLossAutoScaler): how a pipeline stage's
+    auxiliary losses reach backward without travelling to the last stage."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(loss)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (loss,) = ctx.saved_tensors
+        return grad, torch.ones_like(loss)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -266,6 +281,7 @@ class GPT(nn.Module):
         label_positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         select: torch.Tensor | None = None,
+        moe_row_weights: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, T) ids -> logits (B, T, V), or the loss over the targets (B, T)
         that are not IGNORE_INDEX if they are given (their mean, or sum with
@@ -292,7 +308,9 @@ class GPT(nn.Module):
 
         Mixture-of-experts layers (model.moe): in training, with targets, their
         auxiliary losses add to the loss's gradient, not to its value (see
-        moe_auxiliary_loss).
+        moe_auxiliary_loss). A pipeline stage has no targets: with `moe_row_weights`
+        (B,), what the step's loss weighs each row's per-sequence losses by, its layers'
+        auxiliary losses join backward through the hidden states it returns.
         """
         if self.embed_tokens is not None:
             h = self.embed_tokens(tokens)  # (B, T, C)
@@ -318,6 +336,8 @@ class GPT(nn.Module):
                 h = self.checkpoint_fn(block, h, rope, None, examples)
             else:
                 h = block(h, rope, kv_cache, examples)
+        if moe_row_weights is not None and self.training and self.config.moe.num_experts:
+            h = _AddGradient.apply(h, self.weighted_auxiliary_loss(moe_row_weights))
         if select is not None and self.lm_head is not None:
             h = h[select]  # (N, C)
         if self.final_norm is not None:
@@ -331,7 +351,9 @@ class GPT(nn.Module):
                 h = cross_entropy(h, targets, reduction)
                 if self.training and self.config.moe.num_experts:
                     aux = self.moe_auxiliary_loss(targets, reduction)
-                    if isinstance(h, DTensor):  # tensor parallel's loss, whole on every rank
+                    if type(h).__name__ == "DTensor":  # tensor parallel's loss, whole on every rank
+                        from torch.distributed.tensor import DTensor  # (heavy: only here)
+
                         aux = DTensor.from_local(aux, h.device_mesh, h.placements, run_check=False)
                     h = h + aux
         return h if classes is None else (h, classes)
@@ -355,16 +377,22 @@ class GPT(nn.Module):
         model's cross-entropy, comparable with validation and dense runs; the layers
         keep the auxiliary losses themselves.
         """
-        moe = self.config.moe
         row_tokens = (targets != IGNORE_INDEX).sum(-1).float()  # (B,)
         if reduction == "mean":
             row_tokens = row_tokens / row_tokens.sum().clamp(min=1)
-        total = torch.zeros((), device=targets.device)
+        total = self.weighted_auxiliary_loss(row_tokens)
+        return total - total.detach()
+
+    def weighted_auxiliary_loss(self, row_weights: torch.Tensor) -> torch.Tensor:
+        """The sum over this forward's MoE layers and rows of each row's coefficient-
+        weighted load-balancing and z-losses times `row_weights` (B,)."""
+        moe = self.config.moe
+        total = torch.zeros((), device=row_weights.device)
         for layer in self.moe_layers:
             balance, z = layer.take_losses()  # (B,) each
             per_row = moe.aux_loss_coeff * balance + moe.z_loss_coeff * z
-            total = total + (per_row * row_tokens).sum()
-        return total - total.detach()
+            total = total + (per_row * row_weights).sum()
+        return total
 
     def tie_weights(self) -> None:
         """Share the embedding with the output layer. Call again after `to_empty`,

@@ -121,6 +121,8 @@ class MoE(nn.Module):
         # Under context parallelism a sequence's tokens are spread over ranks: this sums
         # a per-sequence tensor over them in place (set by parallel/context_parallel.py).
         self.sum_over_sequence: Callable[[torch.Tensor], None] | None = None
+        # A forward that is not data (torch's pipeline learning its shapes): not counted.
+        self.ignore_next_forward = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -199,7 +201,10 @@ class MoE(nn.Module):
         adds its token counts to step_tokens_per_expert. GPT.forward calls it once per
         forward, outside activation checkpointing, whose recomputation in backward
         records the same values again and must not count them twice."""
-        self.step_tokens_per_expert += self.tokens_per_expert
+        if self.ignore_next_forward:
+            self.ignore_next_forward = False
+        else:
+            self.step_tokens_per_expert += self.tokens_per_expert
         return self.balance_loss, self.z_loss
 
     @torch.no_grad()

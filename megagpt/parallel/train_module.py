@@ -100,6 +100,7 @@ class TrainModule:
         self.parts, self.config, self.env = parts, config, env
         self.dims, self.mesh, self.schedule = dims, mesh, schedule
         self.pipeline_loss = pipeline_loss
+        self._pipeline_shapes_known = False
         self.stages, self.n_stages = list(stages), n_stages
         self.precision = resolve_precision(config, env.device)
         self.autocast = autocast_for(self.precision, env.device)
@@ -306,6 +307,19 @@ class TrainModule:
             kwargs = {"target": torch.cat([b.targets for b in batches]), "losses": losses}
         for name in batches[0].model_kwargs():  # every stage needs positions and segments
             kwargs[name] = torch.cat([getattr(b, name) for b in batches])
+        if train and self.config.model.moe.num_experts:
+            if not self._pipeline_shapes_known:
+                # The first training step's schedule runs each stage's forward once
+                # more to learn its shapes (on the first microbatch, or on empty
+                # tensors): its expert counts would move the balancing bias.
+                for part in self.parts:
+                    for layer in part.moe_layers:
+                        layer.ignore_next_forward = True
+                self._pipeline_shapes_known = True
+            # Each stage's MoE layers weigh their rows' losses as the loss does its
+            # tokens (summed, times `scale`): what the model's own loss would add.
+            trained = torch.cat([(b.targets != IGNORE_INDEX).sum(-1) for b in batches])
+            kwargs["moe_row_weights"] = trained.float().to(self.env.device) * scale
         with self._loss_context(), self.autocast():
             if train:
                 self.schedule.step(*args, return_outputs=False, **kwargs)
@@ -350,16 +364,18 @@ class TrainModule:
 
     def _balance_experts(self, apply: bool) -> None:
         """After a step, each mixture-of-experts layer's token copies per expert, summed
-        over the data-parallel ranks (so every replica moves its router bias alike; MoE
-        runs data parallel only), move the DeepSeek-V3 bias (an applied step) and are kept
-        for the log (`expert_load`)."""
+        over the data- and context-parallel ranks (so every replica moves its router
+        bias alike; tensor-parallel ranks route the same tokens, pipeline stages hold
+        other layers), move the DeepSeek-V3 bias (an applied step) and are kept for the
+        log (`expert_load`)."""
         for part in self.parts:
             for name, layer in part.named_modules():
                 if not hasattr(layer, "update_bias"):
                     continue
                 counts = layer.step_tokens_per_expert.clone()
-                if self.dims.world_size > 1:
-                    dist.all_reduce(counts)
+                for dim in ("dp_replicate", "dp_shard_cp"):
+                    if self.mesh[dim].size() > 1:
+                        dist.all_reduce(counts, group=self.mesh[dim].get_group())
                 self.expert_counts[name] = counts.cpu()
                 if apply:
                     layer.update_bias(counts)
@@ -443,9 +459,7 @@ class TrainModule:
         the gradients as they are: under fp16 `update` unscales them too)."""
         self.sync_tied_gradients()
         norm = self.grad_norm()
-        if max_norm > 0:
-            params = [p for p in self.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        self._unscale_and_clip(norm, max_norm, loss_scale=1.0)
         return norm
 
 
