@@ -28,7 +28,9 @@ def add_plan_command(sub) -> None:
     p.add_argument("--gpu", default="h100-80gb", help="accelerator name (see --list-gpus)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument(
-        "--layout", help="tp=2,pp=4,vp=2,dp=8,zero=1,ac=selective,mbs=1,sp=1,schedule=1f1b"
+        "--layout",
+        help="tp=2,pp=4,vp=2,dp=8,zero=1,ac=selective,mbs=1,sp=1,schedule=1f1b "
+        "(and cp=2: context parallelism; ep=2: expert parallelism of an MoE model)",
     )
     p.add_argument("--hardware", help="YAML file adding or replacing accelerators")
     rate = p.add_mutually_exclusive_group()
@@ -67,6 +69,16 @@ def _describe(plan: Plan) -> list[str]:
         "{data_parallel_exposed_s:.3f} of {data_parallel_s:.3f} "
         "+ optimizer {optimizer_s:.4f}".format(**t)
         + (" + offload copies {offload_s:.3f}".format(**t) if t["offload_s"] else "")
+        + (
+            " + context ring {context_parallel_s:.3f}".format(**t)
+            if t["context_parallel_s"]
+            else ""
+        )
+        + (
+            " + expert all-to-all {expert_parallel_s:.3f}".format(**t)
+            if t["expert_parallel_s"]
+            else ""
+        )
     )
     lines.append(f"  {t['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU {t['mfu']:.1%}")
     lines += [f"  ({note})" for note in plan.notes]
@@ -88,6 +100,10 @@ def _train_command(config_name: str, layout: Layout, overrides: list[str], gpus_
         settings.append(f"parallel.virtual_stages={layout.vp}")
     if layout.offload:
         settings.append("parallel.offload_optimizer=cpu")
+    if layout.cp > 1:
+        settings.append(f"parallel.context_parallel_size={layout.cp}")
+    if layout.ep > 1:
+        settings.append(f"parallel.expert_parallel_size={layout.ep}")
     nodes = math.ceil(layout.world_size / gpus_per_node)
     per_node = min(layout.world_size, gpus_per_node)
     return (

@@ -3,7 +3,7 @@
     per_rank = measure_layout({"parallel.tensor_parallel_size": 2}, world_size=2, tmp=...)
 
 Each rank builds the layout with parallelize(), runs STEPS steps through
-TrainModule.train_step and the optimizer (as the trainer does), and reports its
+TrainModule.train_step and TrainModule.update (as the trainer does), and reports its
 parameter, gradient and optimizer-state bytes (memory_bytes after the last step's
 update) and the peak activation bytes of the last step (ActivationMeter). Functions
 here are importable so that spawned ranks find them.
@@ -64,15 +64,15 @@ def measure_rank(config: Config) -> dict:
             module.train_step(batches, seeds)
         if meter.live_bytes:  # every saved tensor is freed by the end of a step
             raise RuntimeError(f"{meter.live_bytes} activation bytes still saved after a step")
-        module.clip_grad_norm_(config.optim.grad_clip)
-        module.optimizer_step(learning_rate(step, config.optim, t.max_steps))
+        module.update(learning_rate(step, config.optim, t.max_steps), config.optim.grad_clip)
         sizes = memory_bytes(module)
         module.zero_grad()
     return {
         "rank": env.rank,
-        "pp_rank": env.rank // (dims.dp * dims.tp),
+        "pp_rank": env.rank // (dims.dp * dims.cp * dims.tp),
         "tp_rank": dims.tp_rank(env.rank),
         "dp_rank": module.dp_rank,
+        "cp_rank": dims.cp_rank(env.rank),
         **sizes,
         "activations": meter.peak_bytes,
     }

@@ -42,12 +42,44 @@ def test_layout_strings():
         ("tp=2,dp=2", "uses 4 GPUs, but --gpus is 64"),
         ("tp=two", "must be an integer"),
         ("ac=some", "use one of none, selective, full"),
-        ("cp=2", "no context parallelism"),
+        ("cp=3", "tp x pp x cp = 3 does not divide --gpus 64"),
         ("offload=nvme", "use cpu or none"),
         ("colour=blue", "expected key=value"),
     ):
         with pytest.raises(ConfigError, match=words):
             parse_layout(text, 64)
+
+
+def test_context_and_expert_parallel_layouts():
+    """cp and ep parse, print only when above 1, round-trip through a config, and an
+    ep that does not divide the shard ranks (dp at ZeRO >= 1, times cp) is refused."""
+    moe = load_config("tiny-moe")  # 8 experts
+    layout = parse_layout("cp=2,zero=1,ep=4", 8)
+    assert (layout.cp, layout.ep, layout.dp, layout.world_size) == (2, 4, 4, 8)
+    assert str(layout) == "tp=1,pp=1,dp=4,zero=1,ac=none,mbs=1,cp=2,ep=4"
+    assert "cp=" not in str(parse_layout("zero=1", 8)) and "ep=" not in str(Layout())
+    assert parse_layout(str(layout), 8) == layout
+    assert Layout.from_config(apply_layout(moe, layout), 8) == layout
+    with pytest.raises(ConfigError, match="expert_parallel_size = 4 must divide the ranks"):
+        apply_layout(moe, parse_layout("zero=1,ep=4", 2))
+    with pytest.raises(ConfigError, match="needs mixture-of-experts layers"):
+        apply_layout(load_config("tiny"), parse_layout("zero=1,ep=2", 2))
+    # each ep rank holds a share of the experts; cp shards parameters even at ZeRO 0
+    whole = model_state_bytes(moe, Layout(), 0)["parameters"]
+    cp2 = model_state_bytes(moe, parse_layout("cp=2", 2), 0)["parameters"]
+    assert whole / 2 <= cp2 < whole / 2 + 4 * moe.model.hidden_size
+    gpu = find_accelerator("h100-80gb", load_accelerators())
+    ep = plan_layout(moe, parse_layout("zero=1,ep=2", 2), gpu, 8)
+    dense = plan_layout(moe, parse_layout("zero=1", 2), gpu, 8)
+    assert ep.memory[0]["parameters"] == dense.memory[0]["parameters"]  # same shard count
+    assert ep.time["expert_parallel_s"] > 0 == dense.time["expert_parallel_s"]
+    ring = plan_layout(moe, parse_layout("cp=2", 2), gpu, 8)
+    assert ring.time["context_parallel_s"] > 0
+    assert (
+        ring.memory[0]["activations"] < plan_layout(moe, Layout(), gpu, 8).memory[0]["activations"]
+    )
+    searched = {str(plan.layout) for plan in search(moe, 4, gpu, 4)}
+    assert any(",cp=" in text for text in searched) and any(",ep=" in text for text in searched)
 
 
 def test_offloaded_states_are_in_host_memory_and_cost_copies():
@@ -174,6 +206,7 @@ def test_train_refuses_a_layout_that_cannot_fit_before_allocating():
 
 
 PIPELINE = {"model.n_layers": 4, "train.micro_batch_size": 2}  # 4 microbatches
+MOE = {"model.moe.num_experts": 4, "model.moe.expert_width": 64}
 MEASURED_LAYOUTS = [
     ({}, 1),
     ({"parallel.activation_checkpointing": "selective"}, 1),
@@ -206,6 +239,11 @@ MEASURED_LAYOUTS = [
     ({"parallel.zero_stage": 2}, 2),
     # the native engine's CPU offload: the same states, in host memory
     ({"parallel.zero_stage": 1, "parallel.offload_optimizer": "cpu"}, 2),
+    # context parallelism: seq_len / cp tokens per rank and the ring's output copy;
+    # parameters sharded over the context ranks at ZeRO 0
+    ({"parallel.context_parallel_size": 2}, 2),
+    # expert parallelism: two of four routed experts per rank, the rest FSDP2-sharded
+    ({**MOE, "parallel.zero_stage": 1, "parallel.expert_parallel_size": 2}, 2),
     # bf16 autocast: the weight copies it keeps for backward count as activations
     ({"train.precision": "bf16"}, 1),
     ({"parallel.tensor_parallel_size": 2, "parallel.zero_stage": 3}, 4),
@@ -241,11 +279,10 @@ def test_plan_matches_every_ranks_measured_memory(tmp_path_factory):
         plan = plan_layout(config, layout, cpu, 8, calibrate(config.model, precision))
         for rank in measure_layout(overrides, world, tmp):
             planned = plan.memory[rank["pp_rank"]]
-            if layout.zero > 0:  # FSDP2's last chunk can be smaller: plan that rank's own
-                planned = {
-                    **planned,
-                    **model_state_bytes(config, layout, rank["pp_rank"], rank["dp_rank"]),
-                }
+            # FSDP2's last chunk can be smaller: plan that rank's own (its index in the
+            # data x context shard group)
+            shard = (rank["dp_rank"] if layout.zero > 0 else 0) * layout.cp + rank["cp_rank"]
+            planned = {**planned, **model_state_bytes(config, layout, rank["pp_rank"], shard)}
             for part in ("parameters", "gradients", "optimizer_state", "activations"):
                 error = abs(planned[part] / rank[part] - 1)
                 where = f"{layout} rank {rank['rank']} {part}"

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megagpt.config import ModelConfig
 from megagpt.model.build import build_model
+from megagpt.model.moe import MoE
 from megagpt.parallel.activation_checkpoint import _ops_to_save
 from megagpt.planning.memory import COLUMN, ROW, Calibration
 
@@ -36,13 +37,21 @@ CALIBRATION_TOKENS = 256
 def calibration_model(cfg: ModelConfig) -> tuple[ModelConfig, float]:
     """A 2-layer copy of `cfg`, narrowed by a factor f that divides the head counts
     (head size, vocabulary and ratios kept), and f: every per-token activation of a
-    block is proportional to the number of heads, so it scales back exactly by f."""
+    block is proportional to the number of heads, so it scales back exactly by f (but
+    an MoE router's scores and choices, a few numbers per expert per token, which
+    this overstates by f: under 0.1% of a Mixtral block's)."""
     f = 1
     for candidate in range(1, cfg.kv_heads + 1):
-        if cfg.kv_heads % candidate == 0 and cfg.hidden_size // candidate >= 128:
+        # An MoE model's experts narrow too, to a width the grouped matmul takes.
+        experts_fit = not cfg.moe.num_experts or cfg.expert_width % (8 * candidate) == 0
+        if cfg.kv_heads % candidate == 0 and cfg.hidden_size // candidate >= 128 and experts_fit:
             f = candidate
+    moe = cfg.moe
+    if moe.expert_width is not None:
+        moe = dataclasses.replace(moe, expert_width=moe.expert_width // f)
     narrow = dataclasses.replace(
         cfg,
+        moe=moe,
         n_layers=2,
         hidden_size=cfg.hidden_size // f,
         n_heads=cfg.n_heads // f,
@@ -85,6 +94,7 @@ class _Tracker:
         self.stack: list[str] = []
         self.after_layers = False
         self.handles = []
+        self.moe = [name for name, module in model.named_modules() if isinstance(module, MoE)]
         for name, module in model.named_modules():
             if name:
                 self.handles.append(module.register_forward_pre_hook(self._enter(name)))
@@ -105,7 +115,11 @@ class _Tracker:
         return hook
 
     def where(self) -> tuple[str, str]:
-        return _role(self.stack[-1] if self.stack else "", self.after_layers)
+        path = self.stack[-1] if self.stack else ""
+        moe = next((m for m in self.moe if path == m or path.startswith(m + ".")), None)
+        if moe is not None and not path.startswith(moe + ".shared"):
+            return "layer", "experts"  # router and routed experts: whole on every tp rank
+        return _role(path, self.after_layers)
 
     def close(self):
         for handle in self.handles:

@@ -1,4 +1,5 @@
-"""Layouts: how a run spreads over GPUs, written as `tp=2,pp=4,vp=2,dp=8,zero=1,ac=selective`.
+"""Layouts: how a run spreads over GPUs, written as `tp=2,pp=4,vp=2,dp=8,zero=1,ac=selective`
+(and `cp=2` for context parallelism, `ep=2` for expert parallelism of an MoE model).
 
 A Layout is the planner's view of parallel.* and train.micro_batch_size; `apply_layout`
 turns it into a validated Config (the same checks `megagpt train` runs, so a layout the
@@ -30,10 +31,18 @@ class Layout:
     mbs: int = 1
     schedule: str = "1f1b"
     offload: bool = False  # the native engine's CPU offload (FSDP2): states in host memory
+    cp: int = 1  # context-parallel ranks: each holds seq_len / cp tokens of every sequence
+    ep: int = 1  # expert-parallel ranks, taken from the dp_shard x cp ranks (dims.py)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def shard(self) -> int:
+        """FSDP2's shard group: data-parallel ranks at ZeRO >= 1, times the context
+        ranks (which shard parameters at every stage, see parallel/dims.py)."""
+        return (self.dp if self.zero > 0 else 1) * self.cp
 
     def __str__(self) -> str:
         text = (
@@ -41,6 +50,10 @@ class Layout:
         )
         if self.sp:
             text += ",sp=1"
+        if self.cp > 1:
+            text += f",cp={self.cp}"
+        if self.ep > 1:
+            text += f",ep={self.ep}"
         if self.pp > 1:
             text += f",schedule={self.schedule}" + (f",vp={self.vp}" if self.vp > 1 else "")
         if self.offload:
@@ -62,6 +75,8 @@ class Layout:
             mbs=config.train.micro_batch_size,
             schedule=p.pipeline_schedule,
             offload=native_cpu_offload(config),
+            cp=p.context_parallel_size,
+            ep=p.expert_parallel_size,
         )
 
 
@@ -91,20 +106,14 @@ def parse_layout(text: str, world_size: int, base: Layout | None = None) -> Layo
             values[key] = value == "cpu"
         else:
             values[key] = value
-    for key in ("cp", "ep"):
-        if values.pop(key, 1) != 1:
-            raise ConfigError(
-                f"--layout {key}: megagpt has no {'context' if key == 'cp' else 'expert'} "
-                "parallelism yet, so the planner cannot place it; use 1"
-            )
     if values.get("ac", "none") not in AC_MODES:
         raise ConfigError(f"--layout ac={values['ac']!r}: use one of {', '.join(AC_MODES)}")
     layout = dataclasses.replace(base or Layout(), **values)
     if "dp" not in values:
-        model_ranks = layout.tp * layout.pp
+        model_ranks = layout.tp * layout.pp * layout.cp
         if world_size % model_ranks:
             raise ConfigError(
-                f"--layout tp x pp = {model_ranks} does not divide --gpus {world_size}"
+                f"--layout tp x pp x cp = {model_ranks} does not divide --gpus {world_size}"
             )
         layout = dataclasses.replace(layout, dp=world_size // model_ranks)
     if "vp" in values and "schedule" not in values and layout.vp > 1:
@@ -130,6 +139,8 @@ def apply_layout(config: Config, layout: Layout) -> Config:
         pipeline_schedule=layout.schedule if layout.pp > 1 else "1f1b",
         offload_optimizer="cpu" if layout.offload else "none",
         offload_params="none",
+        context_parallel_size=layout.cp,
+        expert_parallel_size=layout.ep,
     )
     train = dataclasses.replace(config.train, micro_batch_size=layout.mbs)
     new = dataclasses.replace(config, parallel=parallel, train=train)
@@ -142,27 +153,52 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _expert_sizes(config: Config, shard: int) -> list[int]:
+    """Expert-parallel sizes to try: divisors of the routed experts that divide the
+    shard group (1 alone for a dense model)."""
+    experts = config.model.moe.num_experts
+    return [e for e in _divisors(experts) if shard % e == 0] if experts else [1]
+
+
 def candidate_layouts(config: Config, world_size: int, gpus_per_node: int) -> Iterator[Layout]:
     """Every layout of `world_size` GPUs that megagpt accepts for this model and batch:
     tensor parallelism within a node (with sequence parallelism, as Megatron runs it),
-    pipelines of 1F1B or, at two virtual stages, interleaved 1F1B, ZeRO 0-3, each
-    activation-checkpointing mode, micro-batches of powers of two."""
+    context parallelism where data.seq_len splits into its 2 x cp chunks, pipelines of
+    1F1B or, at two virtual stages, interleaved 1F1B, ZeRO 0-3, expert parallelism
+    for an MoE model, each activation-checkpointing mode, micro-batches of powers of
+    two. Context parallelism is tried at micro-batch 1 only: it is for sequences too
+    long for one rank even one at a time, and otherwise a smaller micro-batch saves the
+    same activations without the ring (this keeps the search a few times smaller)."""
+    for tp, cp, pp, dp in _grids(world_size, gpus_per_node, config.data.seq_len):
+        schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1), ("interleaved_1f1b", 2)]
+        for schedule, vp in schedules:
+            for zero in (0, 1, 2, 3) if dp > 1 else (0,):
+                for ep in _expert_sizes(config, (dp if zero else 1) * cp):
+                    for ac in AC_MODES:
+                        layout = Layout(tp, pp, dp, vp, zero, tp > 1, ac, 1, schedule, cp=cp, ep=ep)
+                        yield from _fitting_micro_batches(config, layout)
+
+
+def _grids(world_size: int, gpus_per_node: int, seq_len: int) -> Iterator[tuple[int, ...]]:
+    """(tp, cp, pp, dp) of `world_size` GPUs: tp within a node, cp splitting seq_len."""
     for tp in _divisors(world_size):
         if tp > gpus_per_node:
             continue
-        for pp in _divisors(world_size // tp):
-            dp = world_size // (tp * pp)
-            schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1), ("interleaved_1f1b", 2)]
-            for schedule, vp in schedules:
-                for zero in (0, 1, 2, 3) if dp > 1 else (0,):
-                    for ac in AC_MODES:
-                        mbs = 1
-                        while mbs * dp <= config.train.global_batch_size:
-                            layout = Layout(tp, pp, dp, vp, zero, tp > 1, ac, mbs, schedule)
-                            try:
-                                apply_layout(config, layout)
-                            except ConfigError:
-                                pass
-                            else:
-                                yield layout
-                            mbs *= 2
+        for cp in _divisors(world_size // tp):
+            if seq_len % (2 * cp) == 0 or cp == 1:
+                for pp in _divisors(world_size // (tp * cp)):
+                    yield tp, cp, pp, world_size // (tp * cp * pp)
+
+
+def _fitting_micro_batches(config: Config, layout: Layout) -> Iterator[Layout]:
+    """`layout` at each micro-batch size megagpt accepts (1 only with context parallelism)."""
+    mbs = 1
+    while mbs * layout.dp <= config.train.global_batch_size and (mbs == 1 or layout.cp == 1):
+        candidate = dataclasses.replace(layout, mbs=mbs)
+        try:
+            apply_layout(config, candidate)
+        except ConfigError:
+            pass
+        else:
+            yield candidate
+        mbs *= 2

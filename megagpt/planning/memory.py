@@ -10,12 +10,16 @@ gradients and optimizer state are fp32 (bf16 runs autocast), so these are exact.
 Activations are the bytes saved for backward, per token per layer from a calibration
 on the real model (planning/calibrate.py), scaled for tensor and sequence parallelism
 by what each part of a block is (see ROLE_SCALE), times the tokens of the microbatches
-a pipeline rank holds at once under its schedule (`in_flight`).
+a pipeline rank holds at once under its schedule (`in_flight`). Context parallelism
+gives each rank seq_len / cp tokens of every sequence, and its ring attention one more
+copy per layer (`ring_output_bytes`). Routed experts process a rank's own token copies
+(the calibration's, routing dropless); under expert parallelism they are computed on
+the experts' ranks, the same number per rank on average (balanced routing), so the
+activations per token do not change.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -74,8 +78,27 @@ def parameter_shapes(key: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple((name, tuple(p.shape)) for name, p in meta.named_parameters())
 
 
+def is_routed_expert(name: str) -> bool:
+    """Whether parameter `name` is an MoE layer's stacked (E, in, out) expert weights."""
+    return ".mlp.experts." in name
+
+
 @functools.cache
-def _local_elements(key: str, tp: int, pp: int, vp: int, dp_shard: int, pp_rank: int, dp_rank: int):
+def _local_elements(
+    key: str,
+    tp: int,
+    pp: int,
+    vp: int,
+    ep: int,
+    pp_rank: int,
+    shards: tuple[int, int] = (1, 1),
+    shard_rank: int = 0,
+):
+    """Elements of the parameters this rank holds: its pipeline stages, its
+    tensor-parallel slices, its experts (E / ep of them), then FSDP2's dim-0 chunk
+    `shard_rank` of `shards` = (dense, expert) chunk counts: the dense parameters over
+    the whole shard group, the experts over the ranks holding the same experts (efsdp,
+    index shard_rank // ep, see parallel/dims.py)."""
     cfg = _MODELS[key]
     n_stages = pp * vp
     stage_layers = layer_ranges(cfg.n_layers, n_stages)
@@ -84,6 +107,7 @@ def _local_elements(key: str, tp: int, pp: int, vp: int, dp_shard: int, pp_rank:
     if cfg.tie_embeddings and n_stages > 1:
         # A pipeline's last stage holds its own copy of the tied matrix.
         shapes["lm_head.weight"] = shapes["embed_tokens.weight"]
+    dense, expert = shards
     elements = 0
     for name, shape in shapes.items():
         if not mine.intersection(stage_of(name, stage_layers)):
@@ -92,19 +116,32 @@ def _local_elements(key: str, tp: int, pp: int, vp: int, dp_shard: int, pp_rank:
         dim = tensor_parallel_dim(name)
         if dim is not None and tp > 1:
             local[dim] //= tp
-        if dp_shard > 1:
-            local[0] = _chunk(local[0], dp_shard, dp_rank)
+        if is_routed_expert(name):
+            local[0] //= ep
+            local[0] = _chunk(local[0], expert, shard_rank // ep)
+        else:
+            local[0] = _chunk(local[0], dense, shard_rank)
         elements += math.prod(local)
     return elements
 
 
 def model_state_bytes(
-    config: Config, layout: Layout, pp_rank: int, dp_rank: int = 0
+    config: Config, layout: Layout, pp_rank: int, shard_rank: int = 0
 ) -> dict[str, int]:
-    """This rank's parameter, gradient and optimizer-state bytes, tensor by tensor."""
-    dp_shard = layout.dp if layout.zero > 0 else 1
+    """This rank's parameter, gradient and optimizer-state bytes, tensor by tensor;
+    `shard_rank` is the rank's index in FSDP2's shard group (data x context ranks:
+    dp_rank x cp + cp_rank at ZeRO >= 1, cp_rank at 0); FSDP2's last chunks can be
+    smaller, and index 0 holds the most."""
+    shards = (layout.shard, max(1, layout.shard // layout.ep))
     elements = _local_elements(
-        _remember(config.model), layout.tp, layout.pp, layout.vp, dp_shard, pp_rank, dp_rank
+        _remember(config.model),
+        layout.tp,
+        layout.pp,
+        layout.vp,
+        layout.ep,
+        pp_rank,
+        shards,
+        shard_rank,
     )
     return {
         "parameters": FP32 * elements,
@@ -114,9 +151,11 @@ def model_state_bytes(
 
 
 def unsharded_stage_bytes(config: Config, layout: Layout, pp_rank: int) -> int:
-    """This rank's parameters gathered whole (what FSDP2 holds while computing)."""
-    whole = dataclasses.replace(layout, zero=0)
-    return model_state_bytes(config, whole, pp_rank)["parameters"]
+    """This rank's parameters gathered whole (what FSDP2 holds while computing): its
+    experts stay E / ep of them."""
+    key = _remember(config.model)
+    elements = _local_elements(key, layout.tp, layout.pp, layout.vp, layout.ep, pp_rank)
+    return FP32 * elements
 
 
 # How each part of a block's saved activations divides under tensor parallelism:
@@ -131,6 +170,7 @@ ROLE_SCALE = {
     "column_output": ("split", "split"),
     "row_input": ("split", "split"),
     "core": ("split", "split"),  # attention (per head), rotary, the MLP activation
+    "experts": ("whole", "whole"),  # an MoE layer's router and routed experts
     "embedding": ("whole", "whole"),
     "head_input": ("whole", "whole"),
     "loss": ("split", "split"),  # vocabulary-parallel logits and their log-softmax
@@ -215,21 +255,38 @@ def _scaled(parts: dict[str, float], layout: Layout) -> float:
 
 
 def weight_copy_bytes(config: Config, layout: Layout) -> tuple[int, int]:
-    """Bytes of the bf16 copies autocast makes of one block's matmul weights and of the
-    output layer's, which backward keeps."""
+    """Bytes of the bf16 copies autocast makes of one block's matmul weights (the
+    largest block's: an MoE block's copies are of its E / ep routed experts) and of
+    the output layer's, which backward keeps."""
     if config.train.precision == "fp32":
         return 0, 0
-    block = head = 0
+    blocks: dict[str, int] = {}
+    head = 0
     for name, shape in parameter_shapes(_remember(config.model)):
         local = list(shape)
         dim = tensor_parallel_dim(name)
         if dim is not None:
             local[dim] //= layout.tp
-        if name.startswith("layers.0.") and name.endswith("proj.weight"):
-            block += 2 * math.prod(local)
+        if is_routed_expert(name):
+            local[0] //= layout.ep
+        if name.startswith("layers.") and (name.endswith("proj.weight") or is_routed_expert(name)):
+            layer = name.split(".")[1]
+            blocks[layer] = blocks.get(layer, 0) + 2 * math.prod(local)
         elif name == "embed_tokens.weight":  # the output layer's matrix, tied or not
             head = 2 * math.prod(local)
-    return block, head
+    return max(blocks.values(), default=0), head
+
+
+def ring_output_bytes(config: Config, layout: Layout) -> float:
+    """Bytes per token per layer that ring attention (context parallelism) saves beyond
+    what the calibration's SDPA does: the ring returns its output (B, H, T, D)
+    contiguous, so the output projection's input (B, T, H x D) is a copy of it, where
+    SDPA's output is already laid out so and shared (measured: tests/test_plan.py's cp2
+    layouts). Split by tensor parallelism, as the heads are."""
+    if layout.cp == 1:
+        return 0.0
+    width = 4 if config.train.precision == "fp32" else 2
+    return config.model.hidden_size * width / layout.tp
 
 
 def activation_bytes(config: Config, layout: Layout, calibration: Calibration, pp_rank: int) -> int:
@@ -238,19 +295,21 @@ def activation_bytes(config: Config, layout: Layout, calibration: Calibration, p
     backward first rebuilding one checkpointed block (by then the stage's own output
     layer and loss have been freed), then freeing the microbatch. Under bf16 autocast
     the weight copies count too (in checkpointed blocks only while rebuilt)."""
-    tokens = layout.mbs * config.data.seq_len
+    tokens = layout.mbs * config.data.seq_len // layout.cp  # this rank's share of each sequence
     microbatches = config.train.global_batch_size // (layout.mbs * layout.dp)
     n_stages = layout.pp * layout.vp
     stage_layers = layer_ranges(config.model.n_layers, n_stages)
     block_copies, head_copy = weight_copy_bytes(config, layout)
     checkpointed = calibration.mode != "none"
-    rebuilt = tokens * _scaled(calibration.transient, layout)
+    ring = tokens * ring_output_bytes(config, layout)
+    rebuilt = tokens * _scaled(calibration.transient, layout) + (ring if checkpointed else 0)
     if checkpointed:
         rebuilt += block_copies
     kept, extra, copies = {}, {}, {}
     for stage in range(pp_rank, n_stages, layout.pp):
         layers = len(stage_layers[stage])
-        kept[stage] = layers * (tokens * _scaled(calibration.layer, layout))
+        per_layer = tokens * _scaled(calibration.layer, layout) + (0 if checkpointed else ring)
+        kept[stage] = layers * per_layer
         copies[stage] = 0 if checkpointed else layers * block_copies
         extra[stage] = rebuilt
         if stage == 0:

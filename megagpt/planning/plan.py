@@ -64,14 +64,17 @@ def _buffers(config: Config, layout: Layout, pp_rank: int, precision: str) -> in
     whole = unsharded_stage_bytes(config, layout, pp_rank)
     layers = max(1, config.model.n_layers // (layout.pp * layout.vp)) * layout.vp
     block = whole / layers
+    # FSDP2 computes on gathered copies at stage 0 too when it offloads, or shards over
+    # context ranks: then stage 0 holds what stage 1 does.
+    sharded_zero = layout.zero == 0 and (layout.offload or layout.cp > 1)
+    zero = 1 if sharded_zero else layout.zero
     gathered = 0.0
-    if layout.zero in (1, 2) or (layout.offload and layout.zero == 0):
+    if zero in (1, 2):
         gathered = whole
-    elif layout.zero == 3:
+    elif zero == 3:
         gathered = 2 * block
-    zero = 1 if layout.offload and layout.zero == 0 else layout.zero  # FSDP2 computes on copies
     unsharded_grads = whole if zero == 1 else (2 * block if zero >= 2 else 0)
-    collectives = 2 * block if layout.dp > 1 else 0.0
+    collectives = 2 * block if layout.dp * layout.cp > 1 else 0.0
     return int(gathered + unsharded_grads + collectives)
 
 

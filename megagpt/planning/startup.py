@@ -47,9 +47,6 @@ def startup_plan(config: Config, world_size: int, device: torch.device) -> Plan 
     if config.finetune.lora.rank:
         log.info("plan: not made for LoRA runs (the planner counts every weight as trained)")
         return None
-    if config.parallel.context_parallel_size > 1:
-        log.info("plan: not made for context parallelism (the planner has no cp dimension)")
-        return None
     if config.parallel.engine != "native":
         log.info("plan: not made for the deepspeed engine (the planner models FSDP2's)")
         return None

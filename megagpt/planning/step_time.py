@@ -8,12 +8,20 @@ tensor       Megatron's four all-reduces per block per microbatch (two forward, 
              same bytes), ring cost 2 (t-1)/t x bytes / bandwidth; six with full
              recomputation. Not overlapped.
 pipeline     activations sent forward and gradients back at each stage boundary.
+context      ring attention: in each attention layer every rank passes its K/V block
+             cp - 1 hops forward, and in backward the K/V again (cp - 1 hops) and their
+             fp32 gradients (cp hops); again in the recomputed forward under full
+             checkpointing. Counted in full, though each hop overlaps a block's compute.
+experts      expert parallelism: in each MoE layer a rank's token copies (top_k per
+             token) go to their experts' ranks and back (two all-to-alls, (ep-1)/ep of
+             the rows leave the rank), and their gradients back the same way.
 data         gradient reduction and ZeRO's parameter gathers in fp32 (FSDP2 without
              mixed-precision communication): stage 0 one all-reduce per step, 1 a
              reduce-scatter per step and a gather per microbatch, 2 a reduce-scatter and
-             a gather per microbatch, 3 two gathers. Overlapped with compute by FSDP2's
-             prefetching except the first gather and last reduction (two blocks' worth),
-             and whatever exceeds the compute.
+             a gather per microbatch, 3 two gathers; over data x context ranks (context
+             ranks shard parameters at stage 0 too, so stage 0 moves as 1 there).
+             Overlapped with compute by FSDP2's prefetching except the first gather and
+             last reduction (two blocks' worth), and whatever exceeds the compute.
 bubble       (p - 1) / (v m) of the pipelined work; a third of it for zero_bubble.
 optimizer    AdamW reads parameter, gradient and two moments and writes three back:
              28 bytes per local parameter over memory bandwidth.
@@ -62,7 +70,8 @@ def step_time(
     compute = flops / rate
 
     layers_here = L / layout.pp
-    hidden_bytes = layout.mbs * seq * m.hidden_size * act
+    local_seq = seq // layout.cp  # this rank's tokens of each sequence
+    hidden_bytes = layout.mbs * local_seq * m.hidden_size * act
     tp_bw = gpu.intra_node_gbps if layout.tp <= gpus_per_node else gpu.inter_node_gbps
     reductions = 6 if layout.ac == "full" else 4
     all_reduce = _ring(hidden_bytes, layout.tp, tp_bw, 2, gpu.latency_us)
@@ -76,15 +85,21 @@ def step_time(
         sent = hidden_bytes / (layout.tp if layout.sp else 1)
         pipeline = microbatches * layout.vp * 2 * (sent / (pp_bw * 1e9) + gpu.latency_us * 1e-6)
 
+    forwards = 2 if layout.ac == "full" else 1
+    context = _context_ring(config, layout, gpu, gpus_per_node, forwards)
+    experts = _expert_all_to_all(config, layout, gpu, gpus_per_node, forwards)
+    context, experts = microbatches * context, microbatches * experts
+
     grads = unsharded_stage_bytes(config, layout, 0)  # fp32, this tensor-parallel rank's
-    dp_bw = gpu.intra_node_gbps if layout.tp * layout.dp <= gpus_per_node else gpu.inter_node_gbps
-    d = layout.dp
+    d = layout.dp * layout.cp  # FSDP2 reduces over data x context ranks
+    dp_bw = gpu.intra_node_gbps if layout.tp * d <= gpus_per_node else gpu.inter_node_gbps
     # FSDP2 communicates block by block: one collective per block (and one for the rest).
     calls = layers_here + 1
-    if layout.zero == 0:
+    if layout.zero == 0 and layout.cp == 1:
         data = _ring(grads, d, dp_bw, 2) + 2 * calls * _ring(0, d, dp_bw, 1, gpu.latency_us)
     else:
-        passes = (1 if layout.zero == 1 else microbatches) + microbatches * (
+        reduce_once = layout.zero <= 1  # stage 0 here: sharded over context ranks
+        passes = (1 if reduce_once else microbatches) + microbatches * (
             2 if layout.zero == 3 else 1
         )
         data = _ring(grads, d, dp_bw, passes) + passes * calls * _ring(
@@ -92,13 +107,13 @@ def step_time(
         )
     exposed_data = 2 * data / max(layers_here, 1) + max(0.0, data - compute)
 
-    pipelined = compute + tensor + pipeline
+    pipelined = compute + tensor + pipeline + context + experts
     bubble = 0.0
     if layout.pp > 1:
         bubble = (layout.pp - 1) / (layout.vp * microbatches) * pipelined
         if layout.schedule == "zero_bubble":
             bubble /= 3
-    local_params = grads / 4 / (d if layout.zero > 0 else 1)
+    local_params = grads / 4 / layout.shard
     optimizer = 28 * local_params / (gpu.memory_bandwidth_gbps * 1e9 * 0.8)
     offload = 0.0
     if layout.offload:  # FSDP2: shards copied in (each forward/backward pass), grads out
@@ -113,6 +128,8 @@ def step_time(
         "compute_s": compute,
         "tensor_parallel_s": tensor,
         "pipeline_p2p_s": pipeline,
+        "context_parallel_s": context,
+        "expert_parallel_s": experts,
         "data_parallel_s": data,
         "data_parallel_exposed_s": exposed_data,
         "bubble_s": bubble,
@@ -122,3 +139,39 @@ def step_time(
         "tokens_per_s_per_gpu": tokens_per_gpu,
         "mfu": mfu,
     }
+
+
+def _context_ring(
+    config: Config, layout: Layout, gpu: Accelerator, gpus_per_node: int, forwards: int
+) -> float:
+    """Seconds of one microbatch's ring attention traffic on a rank (all its layers)."""
+    cp = layout.cp
+    if cp == 1:
+        return 0.0
+    m = config.model
+    act = ACTIVATION_BYTES[config.train.precision]
+    kv_elements = 2 * layout.mbs * (config.data.seq_len // cp) * m.kv_heads * m.head_dim / layout.tp
+    # cp ranks are neighbours after the tensor-parallel ones (dims.py's mesh order).
+    bw = gpu.intra_node_gbps if layout.tp * cp <= gpus_per_node else gpu.inter_node_gbps
+    hops = (forwards + 1) * (cp - 1) * kv_elements * act + cp * kv_elements * 4
+    messages = (forwards + 1) * (cp - 1) + cp
+    per_layer = hops / (bw * 1e9) + messages * gpu.latency_us * 1e-6
+    return m.n_layers / layout.pp * per_layer
+
+
+def _expert_all_to_all(
+    config: Config, layout: Layout, gpu: Accelerator, gpus_per_node: int, forwards: int
+) -> float:
+    """Seconds of one microbatch's expert all-to-alls on a rank (all its MoE layers)."""
+    ep, m = layout.ep, config.model
+    if ep == 1:
+        return 0.0
+    act = ACTIVATION_BYTES[config.train.precision]
+    copies = layout.mbs * (config.data.seq_len // layout.cp) * m.moe.top_k
+    # Dispatch and combine, in each forward and (as gradients) in backward.
+    leaving = (ep - 1) / ep * copies * m.hidden_size * act * 2 * (forwards + 1)
+    # ep ranks are neighbours after the tensor-parallel ones (dims.py's expert mesh).
+    bw = gpu.intra_node_gbps if layout.tp * ep <= gpus_per_node else gpu.inter_node_gbps
+    moe_layers = sum(m.is_moe_layer(i) for i in range(m.n_layers)) / layout.pp
+    per_layer = leaving / (bw * 1e9) + 2 * (forwards + 1) * gpu.latency_us * 1e-6
+    return moe_layers * per_layer
