@@ -30,6 +30,9 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	@# DeepSpeed's CPU Adam (and async_io where libaio-dev is installed), built once per
+	@# environment so that the DeepSpeed tests run them (a few minutes the first time)
+	$(PY) -m megagpt setup deepspeed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
