@@ -180,11 +180,8 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None):
             attn_pdrop=cfg.attention_dropout,
             **common,
         )
-    if architecture(cfg) == "mixtral":
-        return hf_mixtral.mixtral_config(cfg, common)
-    return transformers.LlamaConfig(
+    common |= dict(  # the Llama shape, Mixtral's too
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.mlp_width,
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.kv_heads,
@@ -192,11 +189,13 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None):
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        attention_bias=cfg.bias,
-        mlp_bias=cfg.bias,
         hidden_act="silu",
         attention_dropout=cfg.attention_dropout,
-        **common,
+    )
+    if architecture(cfg) == "mixtral":
+        return hf_mixtral.mixtral_config(cfg, common)
+    return transformers.LlamaConfig(
+        intermediate_size=cfg.mlp_width, attention_bias=cfg.bias, mlp_bias=cfg.bias, **common
     )
 
 

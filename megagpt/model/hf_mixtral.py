@@ -103,7 +103,7 @@ def experts_from_hf(hf_state: dict[str, torch.Tensor], layer: int) -> dict:
 
 def mixtral_config(cfg: ModelConfig, common: dict):
     """transformers.MixtralConfig for `cfg` (checked by check_exportable); `common` holds
-    the vocabulary, tying and special-token settings every architecture shares."""
+    the vocabulary, tying and special-token settings and the Llama shape (hf.py)."""
     import transformers
 
     moe = cfg.moe
@@ -113,18 +113,8 @@ def mixtral_config(cfg: ModelConfig, common: dict):
             moe.z_loss_coeff,
         )
     return transformers.MixtralConfig(
-        hidden_size=cfg.hidden_size,
         intermediate_size=cfg.expert_width,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         sliding_window=None,
-        hidden_act="silu",
-        attention_dropout=cfg.attention_dropout,
         num_local_experts=moe.num_experts,
         num_experts_per_tok=moe.top_k,
         router_aux_loss_coef=moe.aux_loss_coeff * cfg.n_layers / moe.top_k,
