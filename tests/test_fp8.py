@@ -124,6 +124,7 @@ lost its Float8Linears would compute plain bf16, which the test tells apart belo
 
 FP8_LAYOUTS = {  # name: (recipe, processes, settings)
     "zero3-tensorwise": ("tensorwise", 2, ["parallel.zero_stage=3"]),
+    "pp2-tensorwise": ("tensorwise", 2, ["parallel.pipeline_parallel_size=2"]),
     # torchao's scales of sharded weights reduce over the shards (DTensor amax)
     "tp2-sp-rowwise": (
         "rowwise",
@@ -136,10 +137,11 @@ FP8_LAYOUTS = {  # name: (recipe, processes, settings)
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", FP8_LAYOUTS)
 def test_parallel_layouts_equal_one_process(tiny_config, layout):
-    """ZeRO-3 shards Float8Linear's weights and gathers them whole for the forward;
-    tensor parallelism computes each matmul's shards in fp8 with the whole tensor's
-    scales: either way each rank computes the single process's fp8 matmuls. (The ranks
-    inherit MEGAGPT_FP8_EMULATE from this process's environment.)"""
+    """ZeRO-3 shards Float8Linear's weights and gathers them whole for the forward; a
+    pipeline stage holds whole Float8Linears; tensor parallelism computes each matmul's
+    shards in fp8 with the whole tensor's scales: either way each rank computes the
+    single process's fp8 matmuls. (The ranks inherit MEGAGPT_FP8_EMULATE from this
+    process's environment.)"""
     recipe, world, settings = FP8_LAYOUTS[layout]
     steps = ["train.max_steps=4", "train.eval_interval=0"]
     one = train_on_this_rank(bf16(tiny_config, *steps, f"train.fp8={recipe}"))[0]

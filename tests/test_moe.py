@@ -217,6 +217,9 @@ def test_tiny_moe_gpt_trains_through_the_trainer(tiny_config):
     logged = [json.loads(line) for line in open(Path(config.train.output_dir) / "metrics.jsonl")]
     loads = [m["moe/layers.1.mlp/max_load"] for m in logged if "moe/layers.1.mlp/max_load" in m]
     assert len(loads) == 16 and all(load >= 1.0 for load in loads)
+    # Every expert's token copies per step: the global batch's 8 x 32 tokens, top 2.
+    counts = [[m[f"moe/layers.1.mlp/tokens/{e}"] for e in range(4)] for m in logged if "loss" in m]
+    assert len(counts) == 16 and all(sum(step) == 8 * 32 * 2 for step in counts)
 
 
 @pytest.mark.parametrize("variant", ["accumulate-2", "accumulate-2-checkpointed"])

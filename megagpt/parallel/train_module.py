@@ -384,11 +384,14 @@ class TrainModule:
 
     def expert_load(self) -> dict[str, float]:
         """Per MoE layer, the busiest expert's token copies over the mean in the last step
-        (1.0 is perfectly balanced), as metrics `moe/<layer>/max_load`."""
-        return {
-            f"moe/{name}/max_load": float(counts.max() / counts.mean().clamp(min=1e-9))
-            for name, counts in self.expert_counts.items()
-        }
+        (1.0 is perfectly balanced), as metrics `moe/<layer>/max_load`, and each expert's
+        token copies, `moe/<layer>/tokens/<expert>` (of the whole global batch)."""
+        metrics = {}
+        for name, counts in self.expert_counts.items():
+            metrics[f"moe/{name}/max_load"] = float(counts.max() / counts.mean().clamp(min=1e-9))
+            for expert, count in enumerate(counts.tolist()):
+                metrics[f"moe/{name}/tokens/{expert}"] = count
+        return metrics
 
     def _unscale_and_clip(self, norm: torch.Tensor, max_norm: float, loss_scale: float) -> None:
         """Multiply every gradient once by min(1, max_norm / norm) / loss_scale (the

@@ -375,7 +375,8 @@ class Trainer:
             extra["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         load = self.module.expert_load()  # mixture-of-experts balance, per layer
         extra.update(load)
-        balance = f" | expert load max/mean {max(load.values()):.2f}" if load else ""
+        loads = [v for k, v in load.items() if k.endswith("/max_load")]
+        balance = f" | expert load max/mean {max(loads):.2f}" if loads else ""
         scaling = balance
         if self.module.loss_scale is not None:
             extra.update(loss_scale=self.module.loss_scale, overflow_skips=self.overflow_skips)
