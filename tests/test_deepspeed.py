@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,9 +172,17 @@ def test_settings_the_deepspeed_engine_cannot_run_are_refused(tiny_config, extra
         apply_overrides(tiny_config, [*DS, "parallel.zero_stage=1", *extra], "test")
 
 
-@pytest.mark.parametrize("problem", ["missing", "a file"])
-def test_an_unusable_nvme_path_fails_at_start_up(tiny_config, tmp_path, problem):
-    path = tmp_path / "nvme"
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing", "is not a directory"),
+        ("a file", "is not a directory"),
+        # procfs takes no new files, even from root (whom permission bits do not stop)
+        ("not writable", "is not writable by this user"),
+    ],
+)
+def test_an_unusable_nvme_path_fails_at_start_up(tiny_config, tmp_path, problem, message):
+    path = Path("/proc") if problem == "not writable" else tmp_path / "nvme"
     if problem == "a file":
         path.write_text("not a directory")
     config = config_for(
@@ -184,7 +193,7 @@ def test_an_unusable_nvme_path_fails_at_start_up(tiny_config, tmp_path, problem)
         "parallel.offload_optimizer=nvme",
         f"parallel.nvme_path={path}",
     )
-    with pytest.raises(ConfigError, match="parallel.nvme_path .* is not a directory"):
+    with pytest.raises(ConfigError, match=f"parallel.nvme_path .* {message}"):
         train(config)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything
 

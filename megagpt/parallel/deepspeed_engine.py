@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -74,11 +75,14 @@ def check_deepspeed_settings(config: Config, device: torch.device) -> None:
                 f"parallel.nvme_path = {p.nvme_path!r} is not a directory on this machine; "
                 "create it on a local NVMe drive, or offload to cpu"
             )
-        if not os.access(path, os.W_OK | os.X_OK):
+        try:  # a file written and removed: permissions, read-only mounts, quotas alike
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".megagpt-write-test-"):
+                pass
+        except OSError as error:
             raise ConfigError(
-                f"parallel.nvme_path = {p.nvme_path!r} is not writable by this user; "
-                "choose a directory you can write, or offload to cpu"
-            )
+                f"parallel.nvme_path = {p.nvme_path!r} is not writable by this user "
+                f"({error.strerror}); choose a directory you can write, or offload to cpu"
+            ) from None
         if not op_built("async_io"):
             raise ConfigError(
                 "nvme offload (parallel.offload_optimizer/offload_params) needs DeepSpeed's "
