@@ -43,6 +43,12 @@ LAYOUTS = [  # (name, processes, settings)
     ("ep2-zero1", 2, [EP2, "parallel.zero_stage=1"]),
     ("ep2-zero3-swiglu", 2, [EP2, "parallel.zero_stage=3", *LLAMA]),
     ("ep2-dp4-zero1", 4, [EP2, "parallel.zero_stage=1"]),  # experts also sharded by ZeRO
+    # recomputation in backward repeats the all-to-alls, in the same order on every rank
+    (
+        "ep2-zero2-full-ac",
+        2,
+        [EP2, "parallel.zero_stage=2", "parallel.activation_checkpointing=full"],
+    ),
     ("cp2", 2, [CP2]),  # the balance loss counts each sequence over both halves
     ("cp2-ep2", 2, [CP2, EP2]),  # the context ranks hold half of the experts each
     ("tp2", 2, [TP2]),  # router and experts whole on both tensor ranks

@@ -55,6 +55,9 @@ class ExpertParallelExperts(GroupedExperts):
 
     group: dist.ProcessGroup
 
+    # Data-dependent split sizes and collectives: torch.compile (train.compile) runs
+    # this eagerly between the compiled parts of its block.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, C): this rank's token copies sorted by (global) expert, counts (E,)."""
         ep = dist.get_world_size(self.group)
