@@ -6,11 +6,11 @@
 
 Activations are the tensors autograd keeps for backward that are not model state:
 parameters, buffers (the rotary tables), views of either and FSDP2's unsharded
-parameter copies are left out. Each storage counts once, however many ops save it
-or views of it, at its whole size; a DTensor counts its local shard. A tensor counts
-from the op that saves it until autograd releases it (after the backward node that
-uses it ran, or when its graph is dropped), so pipeline schedules, gradient
-accumulation and ZeRO-3 are measured as they run.
+parameter copies (also as local tensors of DTensors) are left out. Each storage counts
+once, however many ops save it or views of it, at its whole size; a DTensor counts its
+local shard. A tensor counts from the op that saves it until autograd releases it
+(after the backward node that uses it ran, or when its graph is dropped), so pipeline
+schedules, gradient accumulation and ZeRO-3 are measured as they run.
 
 Activation checkpointing (torch.utils.checkpoint, non-reentrant) hides the tensors
 saved inside a checkpointed block from outer hooks. It is measured as it holds memory:
@@ -111,7 +111,13 @@ class ActivationMeter:
     def is_state(self, t: torch.Tensor) -> bool:
         """Whether `t` is a parameter or buffer (or a view of one): not an activation."""
         base = t._base if t._base is not None else t
-        return isinstance(base, nn.Parameter) or any(k in self._state for k, _ in _storages(t))
+        if isinstance(base, nn.Parameter) or any(k in self._state for k, _ in _storages(t)):
+            return True
+        # The local tensor of a parameter gathered since __enter__ (to_local() of FSDP2's
+        # unsharded DTensor, as expert parallelism computes with): its storage is the
+        # parameter's as it is now.
+        current = {key for part in self.parts for p in part.parameters() for key, _ in _storages(p)}
+        return any(k in current for k, _ in _storages(t))
 
     def _add(self, t: torch.Tensor) -> list[tuple]:
         """Count `t`'s storages (each once, however many hold it); returns their keys."""
