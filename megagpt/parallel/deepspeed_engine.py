@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from megagpt.config import Config, ConfigError
@@ -153,7 +153,8 @@ class DeepSpeedTrainModule(TrainModule):
     def attach(self, engine) -> None:
         self.engine = engine
         self.parts = [engine.module]
-        self.optimizers = DeepSpeedOptimizers(engine, self.parts[0], self.env)
+        # The engine is data parallel only: the mesh's shard dimension is every rank.
+        self.optimizers = DeepSpeedOptimizers(engine, self.parts[0], self.mesh["dp_shard_cp"])
         # DeepSpeed keeps the model itself in bf16/fp16 and scales fp16 losses itself.
         self.autocast = contextlib.nullcontext
         self.loss_scaler = None
@@ -257,9 +258,8 @@ class DeepSpeedOptimizers:
     megagpt's state dict (model and AdamW state by parameter name) from DeepSpeed's
     partitions, and back."""
 
-    def __init__(self, engine, model: nn.Module, env: DistributedEnv):
-        self.engine, self.model, self.env = engine, model, env
-        self.mesh = init_device_mesh(device_type(env.device), (env.world_size,))
+    def __init__(self, engine, model: nn.Module, mesh: DeviceMesh):
+        self.engine, self.model, self.mesh = engine, model, mesh  # mesh: all ranks, 1-D
         self.applied_steps = 0  # AdamW's step count, the same for every parameter
 
     # The interface of parallel.optimizer.Optimizers the loop and logs use.
@@ -305,10 +305,10 @@ class DeepSpeedOptimizers:
                 optimizer_state[f"state.{name}.{key}"] = self._chunk(self._full(param, key))
             optimizer_state[f"state.{name}.step"] = step.clone()
         aliases = dict(self.model.named_parameters(remove_duplicate=False))
+        first_name = {id(p): n for n, p in self.model.named_parameters()}  # once each
         for key in self.model.state_dict():
             if key not in model_state and key in aliases:  # a tied output layer
-                source = next(n for n, p in self.model.named_parameters() if p is aliases[key])
-                model_state[key] = model_state[source]
+                model_state[key] = model_state[first_name[id(aliases[key])]]
         rank = dist.get_rank()
         return {
             "model": model_state,
