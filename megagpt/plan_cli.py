@@ -30,7 +30,9 @@ def add_plan_command(sub) -> None:
     p.add_argument(
         "--layout",
         help="tp=2,pp=4,vp=2,dp=8,zero=1,ac=selective,mbs=1,sp=1,schedule=1f1b "
-        "(and cp=2: context parallelism; ep=2: expert parallelism of an MoE model)",
+        "(and cp=2: context parallelism; ep=2: expert parallelism of an MoE model; "
+        "offload=cpu: FSDP2's CPU offload; engine=deepspeed with offload_optimizer=cpu|nvme "
+        "and, at zero=3, offload_params=cpu|nvme)",
     )
     p.add_argument("--hardware", help="YAML file adding or replacing accelerators")
     rate = p.add_mutually_exclusive_group()
@@ -59,8 +61,10 @@ def _describe(plan: Plan) -> list[str]:
     for rank, memory in enumerate(plan.memory):
         parts = "  ".join(_gib(memory[k]) for k in MEMORY_PARTS)
         lines.append(f"    {rank:>3}  {parts}  {_gib(memory['total'])}")
-        if memory["host"]:
-            lines.append("         (parameters, gradients, optimizer state in host memory)")
+        for where, name in (("host", "host memory"), ("nvme", "NVMe")):
+            if memory[where]:
+                kinds, size = plan.kinds_in(where), _gib(memory[where])
+                lines.append(f"         ({kinds} in {name}: {size} GiB, not in the total)")
     lines.append(f"  capacity {_gib(plan.capacity)} GiB")
     t = plan.time
     lines.append(
@@ -100,6 +104,11 @@ def _train_command(config_name: str, layout: Layout, overrides: list[str], gpus_
         settings.append(f"parallel.virtual_stages={layout.vp}")
     if layout.offload:
         settings.append("parallel.offload_optimizer=cpu")
+    if layout.engine != "native":
+        settings.append(f"parallel.engine={layout.engine}")
+    for key in ("offload_optimizer", "offload_params"):
+        if getattr(layout, key) != "none":
+            settings.append(f"parallel.{key}={getattr(layout, key)}")
     if layout.cp > 1:
         settings.append(f"parallel.context_parallel_size={layout.cp}")
     if layout.ep > 1:

@@ -78,6 +78,19 @@ def measure_rank(config: Config) -> dict:
     }
 
 
+def measure_each(configs: list[Config]) -> list[dict]:
+    """measure_rank of each config in turn on these ranks (one start-up for all)."""
+    return [measure_rank(config) for config in configs]
+
+
+def measure_layouts(layouts: list[dict], world_size: int, tmp: str) -> list[list[dict]]:
+    """measure_layout of several `layouts` (override dicts) on the same `world_size`
+    ranks, spawned once: per layout, the per-rank results."""
+    configs = [probe_config(overrides, tmp) for overrides in layouts]
+    by_rank = run_distributed(measure_each, world_size, args=(configs,))
+    return [list(ranks) for ranks in zip(*by_rank)]
+
+
 def measure_layout(overrides: dict, world_size: int, tmp: str) -> list[dict]:
     """Per-rank memory of the tiny test GPT with `overrides` (dotted config keys) on
     `world_size` gloo ranks; `tmp` holds the tokenizer and data (reused) and run files."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -11,7 +12,7 @@ from megagpt.config import ConfigError, load_config
 from megagpt.model.build import build_model
 from megagpt.planning.calibrate import calibrate
 from megagpt.planning.hardware import find_accelerator, load_accelerators
-from megagpt.planning.layouts import Layout, apply_layout, parse_layout
+from megagpt.planning.layouts import Layout, apply_layout, candidate_layouts, parse_layout
 from megagpt.planning.memory import _remember, in_flight, model_state_bytes, parameter_shapes
 from megagpt.planning.plan import plan_layout, search
 from megagpt.planning.startup import startup_plan
@@ -99,6 +100,80 @@ def test_offloaded_states_are_in_host_memory_and_cost_copies():
     assert b["total"] - b["margin"] == a["total"] - a["margin"] - states
     assert on_gpu.time["offload_s"] == 0 < on_host.time["offload_s"]
     assert on_host.time["step_s"] > on_gpu.time["step_s"]
+
+
+def test_deepspeed_layouts_parse_print_and_refuse_what_the_engine_refuses():
+    """engine=deepspeed and its two offload settings parse, print when set, round-trip
+    through a config; what megagpt (or the layout syntax) refuses is refused."""
+    config = load_config("gpt3-13b")
+    layout = parse_layout("engine=deepspeed,zero=3,offload_optimizer=nvme,offload_params=cpu", 8)
+    assert str(layout) == (
+        "tp=1,pp=1,dp=8,zero=3,ac=none,mbs=1,engine=deepspeed,offload_optimizer=nvme,"
+        "offload_params=cpu"
+    )
+    assert parse_layout(str(layout), 8) == layout and "engine" not in str(Layout())
+    nvme = load_config("gpt3-13b", ["parallel.nvme_path=/local/nvme"])
+    assert Layout.from_config(apply_layout(nvme, layout), 8) == layout
+    for text, words in (
+        ("engine=deepspeed,zero=0", "zero_stage = 0: must be 1, 2 or 3 with parallel.engine"),
+        ("engine=deepspeed,zero=1,tp=2", "tensor_parallel_size = 2: must be 1 with"),
+        ("engine=deepspeed,zero=2,offload_params=cpu", "offload_params = 'cpu': needs parallel"),
+        ("engine=deepspeed,zero=3,offload_optimizer=nvme", "nvme_path = None: must name"),
+        ("engine=deepspeed,zero=1,offload=cpu", "offload=cpu is the native engine's"),
+        ("zero=1,offload_optimizer=cpu", "are the deepspeed engine's: add engine=deepspeed"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            apply_layout(config, parse_layout(text, 8))
+    for text, words in (
+        ("engine=fast", "use one of native, deepspeed"),
+        ("offload_params=disk", "use one of none, cpu, nvme"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            parse_layout(text, 8)
+
+
+def test_deepspeed_offload_moves_states_off_the_gpu_and_costs_copies():
+    """ZeRO-2 keeps bf16 weights whole; its offloaded optimizer side (masters, moments,
+    gradient partitions) leaves the GPU's total for host memory, ZeRO-3 NVMe moves the
+    optimizer state to the drive; the step pays the copies and AdamW on the host.
+    The search of a deepspeed config lists DeepSpeed layouts alone."""
+    config = load_config("gpt3-13b", ["parallel.nvme_path=/local/nvme"])
+    gpu = find_accelerator("h100-80gb", load_accelerators())
+    on_gpu = plan_layout(config, parse_layout("engine=deepspeed,zero=2", 8), gpu, 8)
+    text = "engine=deepspeed,zero=2,offload_optimizer=cpu"
+    on_host = plan_layout(config, parse_layout(text, 8), gpu, 8)
+    a, b = on_gpu.memory[0], on_host.memory[0]
+    params = sum(math.prod(shape) for _, shape in parameter_shapes(_remember(config.model)))
+    assert a["parameters"] == b["parameters"] == 2 * params  # bf16, whole
+    assert a["host"] == 0 and b["host"] == b["gradients"] + b["optimizer_state"]
+    assert b["total"] - b["margin"] < a["total"] - a["margin"] - b["host"] + b["buffers"]
+    assert on_gpu.time["offload_s"] == 0 < on_host.time["offload_s"]
+    assert on_host.time["optimizer_s"] > on_gpu.time["optimizer_s"]
+    text = "engine=deepspeed,zero=3,offload_optimizer=nvme,offload_params=cpu"
+    infinity = plan_layout(config, parse_layout(text, 8), gpu, 8)
+    c = infinity.memory[0]
+    assert c["nvme"] == c["optimizer_state"] and c["host"] == c["parameters"] + c["gradients"]
+    assert infinity.placement == {
+        "parameters": "host",
+        "gradients": "host",
+        "optimizer_state": "nvme",
+    }
+    assert c["parameters"] == pytest.approx(a["parameters"] / 8, rel=1e-3)  # partitioned
+    # the engine checkpoints no activations: an ac setting is planned as none, and said
+    full = plan_layout(config, parse_layout("engine=deepspeed,zero=2,ac=full", 8), gpu, 8)
+    assert full.memory[0]["activations"] == a["activations"]
+    assert any("planned as none" in note for note in full.notes)
+    small = load_config("gpt3-1.3b", ["parallel.engine=deepspeed", "parallel.zero_stage=1"])
+    searched = [str(plan.layout) for plan in search(small, 8, gpu, 8)]
+    assert searched and all(",engine=deepspeed" in text for text in searched)
+    assert next(candidate_layouts(load_config("gpt3-1.3b"), 8, 8)).engine == "native"
+    # megagpt train plans DeepSpeed runs too (logged beside the measured memory)
+    import torch
+
+    overrides = ["parallel.engine=deepspeed", "parallel.zero_stage=3"]
+    tiny = load_config("tiny", [*overrides, "parallel.offload_optimizer=cpu"])
+    started = startup_plan(tiny, 2, torch.device("cpu"))
+    assert started.layout.engine == "deepspeed" and started.memory[0]["host"] > 0
 
 
 def test_layouts_megagpt_refuses_are_refused_with_its_message():
@@ -290,3 +365,44 @@ def test_plan_matches_every_ranks_measured_memory(tmp_path_factory):
                 worst[part] = max(worst.get(part, 0.0), error)
     assert len(MEASURED_LAYOUTS) >= 10
     print("largest relative error by part:", worst)
+
+
+DEEPSPEED = {"parallel.engine": "deepspeed", "train.precision": "fp32"}
+DEEPSPEED_LAYOUTS = [
+    {**DEEPSPEED, "parallel.zero_stage": 1},
+    {**DEEPSPEED, "parallel.zero_stage": 2, "parallel.offload_optimizer": "cpu"},
+    {
+        **DEEPSPEED,
+        "parallel.zero_stage": 3,
+        "parallel.offload_optimizer": "cpu",
+        "parallel.offload_params": "cpu",
+    },
+    # bf16: DeepSpeed computes with bf16 weights themselves (no autocast copies)
+    {**DEEPSPEED, "parallel.zero_stage": 2, "train.precision": "bf16"},
+]
+
+
+@pytest.mark.slow
+def test_plan_matches_deepspeeds_measured_memory(tmp_path_factory):
+    """The DeepSpeed engine on two gloo ranks: each rank's parameter, gradient and
+    optimizer-state bytes as megagpt counts DeepSpeed's partitions (memory_bytes) equal
+    the plan's exactly, padding included (whether DeepSpeed's CPU Adam is built or not:
+    both keep two fp32 moments), and the peak saved activations are within 10%."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    from tests.activation_probe import measure_layouts, probe_config
+
+    tmp = str(tmp_path_factory.mktemp("probe"))
+    gpu = find_accelerator("h100-80gb", load_accelerators())
+    measured = measure_layouts(DEEPSPEED_LAYOUTS, 2, tmp)
+    for overrides, ranks in zip(DEEPSPEED_LAYOUTS, measured):
+        config = probe_config(overrides, tmp)
+        layout = Layout.from_config(config, 2)
+        assert layout.engine == "deepspeed"
+        calibrations = calibrate(config.model, config.train.precision, autocast=False)
+        planned = plan_layout(config, layout, gpu, 8, calibrations).memory[0]
+        for rank in ranks:
+            where = f"{layout} rank {rank['rank']}"
+            for part in ("parameters", "gradients", "optimizer_state"):
+                assert planned[part] == rank[part], f"{where} {part}"
+            error = abs(planned["activations"] / rank["activations"] - 1)
+            assert error <= 0.10, f"{where}: plan {planned['activations']:,} vs measured"

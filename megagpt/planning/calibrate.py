@@ -155,11 +155,18 @@ def _weight_copy(tensor: torch.Tensor) -> bool:
     return any(type(next_).__name__ == "AccumulateGrad" for next_, _ in node.next_functions)
 
 
-def calibrate(cfg: ModelConfig, precision: str = "bf16") -> dict[str, Calibration]:
-    """Bytes per token by role for each activation-checkpointing mode."""
+def calibrate(
+    cfg: ModelConfig, precision: str = "bf16", autocast: bool = True
+) -> dict[str, Calibration]:
+    """Bytes per token by role for each activation-checkpointing mode: under bf16
+    autocast (the native engine's mixed precision), or with autocast=False on a model
+    cast to bf16 itself (the DeepSpeed engine's: norms, residual stream and logits in
+    bf16 too, no weight copies)."""
     narrow, scale = calibration_model(cfg)
     model = build_model(narrow, seed=0)
     model.train()
+    if not autocast and precision != "fp32":
+        model.to(torch.bfloat16)
     n_layers = narrow.n_layers
     tokens = torch.randint(0, narrow.vocab_size, (1, CALIBRATION_TOKENS))
     # Weights and the rotary tables are saved by reference: not activations.
@@ -183,10 +190,10 @@ def calibrate(cfg: ModelConfig, precision: str = "bf16") -> dict[str, Calibratio
             record(saved, *tracker.where(), tensor)
         return tensor
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32")
+    mixed = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and precision != "fp32")
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     outputs = _SavedOutputs(tracker, lambda part, role, t: record(kept, part, role, t))
-    with autocast, hooks, outputs:
+    with mixed, hooks, outputs:
         loss = model(tokens, tokens)
     del loss
     tracker.close()

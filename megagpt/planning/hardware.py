@@ -52,6 +52,9 @@ class Accelerator:
     host_adam_gparams: float = 1.0
     """Billions of parameters per second that AdamW updates in host memory for one GPU's
     share (torch's fused CPU kernel: ~0.8 on 2 cores here; scale with the cores per GPU)."""
+    nvme_gbps: float = 2.0
+    """NVMe read/write bandwidth per GPU, for DeepSpeed's NVMe offload (a PCIe gen4
+    drive's ~6 GB/s shared by the GPUs of a node, a few drives per node)."""
     note: str = ""
 
     @property
@@ -133,5 +136,5 @@ def cpu_accelerator(
         bandwidth_gbps,
         1.0,
         latency_us,
-        "this machine, measured",
+        note="this machine, measured",
     )

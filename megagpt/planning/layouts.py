@@ -1,5 +1,9 @@
 """Layouts: how a run spreads over GPUs, written as `tp=2,pp=4,vp=2,dp=8,zero=1,ac=selective`
-(and `cp=2` for context parallelism, `ep=2` for expert parallelism of an MoE model).
+(and `cp=2` for context parallelism, `ep=2` for expert parallelism of an MoE model,
+`offload=cpu` for the native engine's CPU offload). `engine=deepspeed` plans DeepSpeed's
+ZeRO (data parallel only), whose offloads are set apart as in the config:
+`offload_optimizer=cpu|nvme` (fp32 master weights, moments, gradient partitions) and,
+at ZeRO-3, `offload_params=cpu|nvme`.
 
 A Layout is the planner's view of parallel.* and train.micro_batch_size; `apply_layout`
 turns it into a validated Config (the same checks `megagpt train` runs, so a layout the
@@ -17,6 +21,8 @@ from megagpt.config import Config, ConfigError, validate_config, validate_world_
 from megagpt.parallel.dims import native_cpu_offload
 
 AC_MODES = ("none", "selective", "full")
+ENGINES = ("native", "deepspeed")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,9 @@ class Layout:
     offload: bool = False  # the native engine's CPU offload (FSDP2): states in host memory
     cp: int = 1  # context-parallel ranks: each holds seq_len / cp tokens of every sequence
     ep: int = 1  # expert-parallel ranks, taken from the dp_shard x cp ranks (dims.py)
+    engine: str = "native"  # or deepspeed: DeepSpeed's ZeRO 1-3, data parallel only
+    offload_optimizer: str = "none"  # deepspeed: where its optimizer side lives
+    offload_params: str = "none"  # deepspeed at ZeRO-3: where parameter partitions live
 
     @property
     def world_size(self) -> int:
@@ -58,12 +67,18 @@ class Layout:
             text += f",schedule={self.schedule}" + (f",vp={self.vp}" if self.vp > 1 else "")
         if self.offload:
             text += ",offload=cpu"
+        if self.engine != "native":
+            text += f",engine={self.engine}"
+        for key in ("offload_optimizer", "offload_params"):
+            if getattr(self, key) != "none":
+                text += f",{key}={getattr(self, key)}"
         return text
 
     @classmethod
     def from_config(cls, config: Config, world_size: int) -> Layout:
         p = config.parallel
         dp = validate_world_size(config, world_size)
+        deepspeed = p.engine == "deepspeed"
         return cls(
             tp=p.tensor_parallel_size,
             pp=p.pipeline_parallel_size,
@@ -77,11 +92,20 @@ class Layout:
             offload=native_cpu_offload(config),
             cp=p.context_parallel_size,
             ep=p.expert_parallel_size,
+            engine=p.engine,
+            offload_optimizer=p.offload_optimizer if deepspeed else "none",
+            offload_params=p.offload_params if deepspeed else "none",
         )
 
 
 _INT_KEYS = {"tp", "pp", "dp", "vp", "zero", "mbs", "cp", "ep"}
-_KEYS = _INT_KEYS | {"ac", "sp", "schedule", "offload"}
+_CHOICES = {
+    "ac": AC_MODES,
+    "engine": ENGINES,
+    "offload_optimizer": OFFLOAD_DEVICES,
+    "offload_params": OFFLOAD_DEVICES,
+}
+_KEYS = _INT_KEYS | set(_CHOICES) | {"sp", "schedule", "offload"}
 
 
 def parse_layout(text: str, world_size: int, base: Layout | None = None) -> Layout:
@@ -104,10 +128,10 @@ def parse_layout(text: str, world_size: int, base: Layout | None = None) -> Layo
             if value not in ("cpu", "none"):
                 raise ConfigError(f"--layout offload={value!r}: use cpu or none")
             values[key] = value == "cpu"
+        elif key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"--layout {key}={value!r}: use one of {', '.join(_CHOICES[key])}")
         else:
             values[key] = value
-    if values.get("ac", "none") not in AC_MODES:
-        raise ConfigError(f"--layout ac={values['ac']!r}: use one of {', '.join(AC_MODES)}")
     layout = dataclasses.replace(base or Layout(), **values)
     if "dp" not in values:
         model_ranks = layout.tp * layout.pp * layout.cp
@@ -126,7 +150,10 @@ def parse_layout(text: str, world_size: int, base: Layout | None = None) -> Layo
 
 
 def apply_layout(config: Config, layout: Layout) -> Config:
-    """`config` with the layout's settings, checked as `megagpt train` checks them."""
+    """`config` with the layout's settings, checked as `megagpt train` checks them (the
+    DeepSpeed engine's refusals too: tp, pp or cp above 1, ZeRO 0, offload_params below
+    ZeRO-3, nvme without parallel.nvme_path)."""
+    _check_offload_keys(layout)
     parallel = dataclasses.replace(
         config.parallel,
         tensor_parallel_size=layout.tp,
@@ -137,16 +164,35 @@ def apply_layout(config: Config, layout: Layout) -> Config:
         sequence_parallel=layout.sp,
         activation_checkpointing=layout.ac,
         pipeline_schedule=layout.schedule if layout.pp > 1 else "1f1b",
-        offload_optimizer="cpu" if layout.offload else "none",
-        offload_params="none",
+        offload_optimizer="cpu" if layout.offload else layout.offload_optimizer,
+        offload_params=layout.offload_params,
         context_parallel_size=layout.cp,
         expert_parallel_size=layout.ep,
+        engine=layout.engine,
     )
     train = dataclasses.replace(config.train, micro_batch_size=layout.mbs)
     new = dataclasses.replace(config, parallel=parallel, train=train)
     validate_config(new)
     validate_world_size(new, layout.world_size)
     return new
+
+
+def _check_offload_keys(layout: Layout) -> None:
+    """Each engine's offload is written its own way: FSDP2 moves all three kinds
+    together (offload=cpu), DeepSpeed sets the optimizer and parameters apart."""
+    if layout.engine == "deepspeed" and layout.offload:
+        raise ConfigError(
+            "--layout offload=cpu is the native engine's (FSDP2 offloads all states "
+            "together); with engine=deepspeed use offload_optimizer=cpu and, at zero=3, "
+            "offload_params=cpu"
+        )
+    deepspeed_offload = {layout.offload_optimizer, layout.offload_params} != {"none"}
+    if layout.engine != "deepspeed" and deepspeed_offload:
+        raise ConfigError(
+            f"--layout offload_optimizer={layout.offload_optimizer}, offload_params="
+            f"{layout.offload_params} are the deepspeed engine's: add engine=deepspeed, or "
+            "use offload=cpu on the native engine"
+        )
 
 
 def _divisors(n: int) -> list[int]:
@@ -168,7 +214,16 @@ def candidate_layouts(config: Config, world_size: int, gpus_per_node: int) -> It
     for an MoE model, each activation-checkpointing mode, micro-batches of powers of
     two. Context parallelism is tried at micro-batch 1 only: it is for sequences too
     long for one rank even one at a time, and otherwise a smaller micro-batch saves the
-    same activations without the ring (this keeps the search a few times smaller)."""
+    same activations without the ring (this keeps the search a few times smaller).
+
+    A config on the deepspeed engine gets DeepSpeed layouts alone (the engine is the
+    user's choice): all ranks data parallel, ZeRO 1-3, each with its optimizer kept on
+    the GPU or offloaded, at ZeRO-3 the parameters too (to NVMe as well where
+    parallel.nvme_path names a drive); no activation checkpointing, which that engine
+    does not apply."""
+    if config.parallel.engine == "deepspeed":
+        yield from _deepspeed_layouts(config, world_size)
+        return
     for tp, cp, pp, dp in _grids(world_size, gpus_per_node, config.data.seq_len):
         schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1), ("interleaved_1f1b", 2)]
         for schedule, vp in schedules:
@@ -177,6 +232,21 @@ def candidate_layouts(config: Config, world_size: int, gpus_per_node: int) -> It
                     for ac in AC_MODES:
                         layout = Layout(tp, pp, dp, vp, zero, tp > 1, ac, 1, schedule, cp=cp, ep=ep)
                         yield from _fitting_micro_batches(config, layout)
+
+
+def _deepspeed_layouts(config: Config, world_size: int) -> Iterator[Layout]:
+    devices = ("none", "cpu", "nvme") if config.parallel.nvme_path else ("none", "cpu")
+    for zero in (1, 2, 3):
+        for optimizer in devices:
+            for params in devices if zero == 3 and optimizer != "none" else ("none",):
+                layout = Layout(
+                    dp=world_size,
+                    zero=zero,
+                    engine="deepspeed",
+                    offload_optimizer=optimizer,
+                    offload_params=params,
+                )
+                yield from _fitting_micro_batches(config, layout)
 
 
 def _grids(world_size: int, gpus_per_node: int, seq_len: int) -> Iterator[tuple[int, ...]]:

@@ -257,8 +257,9 @@ def _scaled(parts: dict[str, float], layout: Layout) -> float:
 def weight_copy_bytes(config: Config, layout: Layout) -> tuple[int, int]:
     """Bytes of the bf16 copies autocast makes of one block's matmul weights (the
     largest block's: an MoE block's copies are of its E / ep routed experts) and of
-    the output layer's, which backward keeps."""
-    if config.train.precision == "fp32":
+    the output layer's, which backward keeps. None on the DeepSpeed engine: it computes
+    with bf16/fp16 weights themselves, without autocast."""
+    if config.train.precision == "fp32" or layout.engine == "deepspeed":
         return 0, 0
     blocks: dict[str, int] = {}
     head = 0

@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 
 
-_CALIBRATIONS: dict[tuple[str, str], dict[str, Calibration]] = {}
+_CALIBRATIONS: dict[tuple[str, str, bool], dict[str, Calibration]] = {}
 
 
-def _calibration(model, precision: str) -> dict[str, Calibration]:
-    key = (repr(model), precision)
+def _calibration(model, precision: str, autocast: bool) -> dict[str, Calibration]:
+    key = (repr(model), precision, autocast)
     if key not in _CALIBRATIONS:
-        _CALIBRATIONS[key] = calibrate(model, precision)
+        _CALIBRATIONS[key] = calibrate(model, precision, autocast)
     return _CALIBRATIONS[key]
 
 
@@ -43,12 +43,9 @@ def _this_machine(device: torch.device, local_ranks: int) -> tuple[Accelerator, 
 def startup_plan(config: Config, world_size: int, device: torch.device) -> Plan | None:
     """The plan of this run's layout on this machine; a ConfigError if it cannot fit
     (unless train.memory_check is off). None where the planner does not model the run
-    (LoRA: frozen weights have no gradients or optimizer state; DeepSpeed)."""
+    (LoRA: frozen weights have no gradients or optimizer state)."""
     if config.finetune.lora.rank:
         log.info("plan: not made for LoRA runs (the planner counts every weight as trained)")
-        return None
-    if config.parallel.engine != "native":
-        log.info("plan: not made for the deepspeed engine (the planner models FSDP2's)")
         return None
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     gpu, context = _this_machine(device, local_ranks)
@@ -58,7 +55,7 @@ def startup_plan(config: Config, world_size: int, device: torch.device) -> Plan 
     config = dataclasses.replace(
         config, train=dataclasses.replace(config.train, precision=precision)
     )
-    calibrations = _calibration(config.model, precision)
+    calibrations = _calibration(config.model, precision, config.parallel.engine == "native")
     layout = Layout.from_config(config, world_size)
     plan = plan_layout(config, layout, gpu, local_ranks, calibrations, context_bytes=context)
     worst = max(plan.memory, key=lambda rank: rank["total"])
@@ -71,12 +68,14 @@ def startup_plan(config: Config, world_size: int, device: torch.device) -> Plan 
         *(worst[k] / GIB for k in ("parameters", "gradients", "optimizer_state")),
         *(worst[k] / GIB for k in ("activations", "buffers", "margin")),
     )
-    if worst["host"]:
-        log.info(
-            "plan: parameters, gradients and optimizer state offloaded: %.2f GiB per rank in "
-            "host memory",
-            worst["host"] / GIB,
-        )
+    for where in ("host", "nvme"):
+        if worst[where]:
+            log.info(
+                "plan: %s offloaded: %.2f GiB per rank in %s",
+                plan.kinds_in(where),
+                worst[where] / GIB,
+                "host memory" if where == "host" else "NVMe",
+            )
     if plan.fits or not config.train.memory_check:
         return plan
     others = search(config, world_size, gpu, local_ranks, context_bytes=context)[:3]

@@ -25,15 +25,35 @@ data         gradient reduction and ZeRO's parameter gathers in fp32 (FSDP2 with
 bubble       (p - 1) / (v m) of the pipelined work; a third of it for zero_bubble.
 optimizer    AdamW reads parameter, gradient and two moments and writes three back:
              28 bytes per local parameter over memory bandwidth.
+offload      (native offload=cpu) the shards copied in for each pass and the gradients
+             out, at host_gbps, and AdamW on the host at host_adam_gparams.
+
+The DeepSpeed engine (engine=deepspeed, data parallel only) is planned the same way
+but for its own traffic (`_deepspeed_traffic`): megagpt's loop accumulates the
+gradients and DeepSpeed reduces them once, at step(), in the compute precision;
+ZeRO-1/2 then gathers the updated parameters, ZeRO-3 gathers them for every
+microbatch's forward and backward instead. Its offloads copy the gradient partition to
+the host and the updated parameters back (offload_optimizer), the parameter
+partitions in at every gather (offload_params), and on NVMe read and write what they
+keep there (at nvme_gbps).
 """
 
 from __future__ import annotations
 
+import math
+
 from megagpt.config import Config
 from megagpt.model.flops import flops_per_token
+from megagpt.planning.deepspeed_memory import (
+    REDUCE_BUCKET,
+    compute_width,
+    deepspeed_state_placement,
+    master_elements,
+    parameter_groups,
+)
 from megagpt.planning.hardware import Accelerator
 from megagpt.planning.layouts import Layout
-from megagpt.planning.memory import unsharded_stage_bytes
+from megagpt.planning.memory import FP32, unsharded_stage_bytes
 
 ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "auto": 2}
 
@@ -90,36 +110,20 @@ def step_time(
     experts = _expert_all_to_all(config, layout, gpu, gpus_per_node, forwards)
     context, experts = microbatches * context, microbatches * experts
 
-    grads = unsharded_stage_bytes(config, layout, 0)  # fp32, this tensor-parallel rank's
-    d = layout.dp * layout.cp  # FSDP2 reduces over data x context ranks
-    dp_bw = gpu.intra_node_gbps if layout.tp * d <= gpus_per_node else gpu.inter_node_gbps
-    # FSDP2 communicates block by block: one collective per block (and one for the rest).
-    calls = layers_here + 1
-    if layout.zero == 0 and layout.cp == 1:
-        data = _ring(grads, d, dp_bw, 2) + 2 * calls * _ring(0, d, dp_bw, 1, gpu.latency_us)
+    if layout.engine == "deepspeed":
+        data, exposed_data, optimizer, offload = _deepspeed_traffic(
+            config, layout, gpu, gpus_per_node, compute, microbatches
+        )
     else:
-        reduce_once = layout.zero <= 1  # stage 0 here: sharded over context ranks
-        passes = (1 if reduce_once else microbatches) + microbatches * (
-            2 if layout.zero == 3 else 1
+        data, exposed_data, optimizer, offload = _native_traffic(
+            config, layout, gpu, gpus_per_node, compute, microbatches
         )
-        data = _ring(grads, d, dp_bw, passes) + passes * calls * _ring(
-            0, d, dp_bw, 1, gpu.latency_us
-        )
-    exposed_data = 2 * data / max(layers_here, 1) + max(0.0, data - compute)
-
     pipelined = compute + tensor + pipeline + context + experts
     bubble = 0.0
     if layout.pp > 1:
         bubble = (layout.pp - 1) / (layout.vp * microbatches) * pipelined
         if layout.schedule == "zero_bubble":
             bubble /= 3
-    local_params = grads / 4 / layout.shard
-    optimizer = 28 * local_params / (gpu.memory_bandwidth_gbps * 1e9 * 0.8)
-    offload = 0.0
-    if layout.offload:  # FSDP2: shards copied in (each forward/backward pass), grads out
-        copies = 4 * local_params * (1 + (2 if layout.zero == 3 else 1) * microbatches)
-        offload = copies / (gpu.host_gbps * 1e9)
-        optimizer = local_params / (gpu.host_adam_gparams * 1e9)  # AdamW on the host
 
     total = pipelined + exposed_data + bubble + optimizer + offload
     tokens_per_gpu = tokens_per_step / total / world
@@ -139,6 +143,95 @@ def step_time(
         "tokens_per_s_per_gpu": tokens_per_gpu,
         "mfu": mfu,
     }
+
+
+def _native_traffic(
+    config: Config,
+    layout: Layout,
+    gpu: Accelerator,
+    gpus_per_node: int,
+    compute: float,
+    microbatches: int,
+) -> tuple[float, float, float, float]:
+    """Seconds of FSDP2's data-parallel traffic, of it exposed, of the optimizer and
+    of the host copies under offload=cpu."""
+    layers_here = config.model.n_layers / layout.pp
+    grads = unsharded_stage_bytes(config, layout, 0)  # fp32, this tensor-parallel rank's
+    d = layout.dp * layout.cp  # FSDP2 reduces over data x context ranks
+    dp_bw = gpu.intra_node_gbps if layout.tp * d <= gpus_per_node else gpu.inter_node_gbps
+    # FSDP2 communicates block by block: one collective per block (and one for the rest).
+    calls = layers_here + 1
+    if layout.zero == 0 and layout.cp == 1:
+        data = _ring(grads, d, dp_bw, 2) + 2 * calls * _ring(0, d, dp_bw, 1, gpu.latency_us)
+    else:
+        reduce_once = layout.zero <= 1  # stage 0 here: sharded over context ranks
+        passes = (1 if reduce_once else microbatches) + microbatches * (
+            2 if layout.zero == 3 else 1
+        )
+        data = _ring(grads, d, dp_bw, passes) + passes * calls * _ring(
+            0, d, dp_bw, 1, gpu.latency_us
+        )
+    exposed_data = 2 * data / max(layers_here, 1) + max(0.0, data - compute)
+
+    local_params = grads / 4 / layout.shard
+    optimizer = 28 * local_params / (gpu.memory_bandwidth_gbps * 1e9 * 0.8)
+    offload = 0.0
+    if layout.offload:  # FSDP2: shards copied in (each forward/backward pass), grads out
+        copies = 4 * local_params * (1 + (2 if layout.zero == 3 else 1) * microbatches)
+        offload = copies / (gpu.host_gbps * 1e9)
+        optimizer = local_params / (gpu.host_adam_gparams * 1e9)  # AdamW on the host
+    return data, exposed_data, optimizer, offload
+
+
+def _deepspeed_traffic(
+    config: Config,
+    layout: Layout,
+    gpu: Accelerator,
+    gpus_per_node: int,
+    compute: float,
+    microbatches: int,
+) -> tuple[float, float, float, float]:
+    """Seconds of DeepSpeed's data-parallel traffic, of it exposed, of the optimizer
+    and of its offload copies. The reduction (buckets of 5e8 elements) and ZeRO-1/2's
+    gather run inside step(), after the compute: all exposed. ZeRO-3 gathers block by
+    block, prefetched under the compute but for each pass's first block and what
+    exceeds the compute. AdamW steps the master partition: on the GPU at 28 bytes per
+    element of memory traffic, on the host (also for NVMe, swapped in) at
+    host_adam_gparams, DeepSpeed's CPU Adam or torch's alike."""
+    d, width = layout.dp, compute_width(config)
+    whole = sum(sum(group) for group in parameter_groups(config))
+    masters = master_elements(config, layout)
+    bw = gpu.intra_node_gbps if d <= gpus_per_node else gpu.inter_node_gbps
+    buckets = math.ceil(whole / REDUCE_BUCKET)
+    reduce = _ring(whole * width, d, bw, 1) + buckets * _ring(0, d, bw, 1, gpu.latency_us)
+    if layout.zero == 3:
+        passes, calls = 2 * microbatches, config.model.n_layers + 1
+        gather = _ring(whole * width, d, bw, passes) + passes * calls * _ring(
+            0, d, bw, 1, gpu.latency_us
+        )
+        exposed = reduce + gather / calls + max(0.0, gather - compute)
+    else:
+        gather = _ring(whole * width, d, bw, 1) + buckets * _ring(0, d, bw, 1, gpu.latency_us)
+        exposed = reduce + gather
+
+    where = deepspeed_state_placement(layout)
+    host_bytes = nvme_bytes = 0.0
+    if where["optimizer_state"] != "device":
+        host_bytes += masters * width  # the gradient partition out
+        if where["parameters"] == "device":
+            host_bytes += masters * width  # the updated parameters back
+    if where["parameters"] != "device":
+        host_bytes += 2 * microbatches * masters * width  # partitions in at each gather
+    if where["optimizer_state"] == "nvme":
+        nvme_bytes += 2 * 3 * FP32 * masters  # masters and moments read, then written
+    if where["parameters"] == "nvme":
+        nvme_bytes += (2 * microbatches + 1) * masters * width
+    offload = host_bytes / (gpu.host_gbps * 1e9) + nvme_bytes / (gpu.nvme_gbps * 1e9)
+    if where["optimizer_state"] == "device":
+        optimizer = 28 * masters / (gpu.memory_bandwidth_gbps * 1e9 * 0.8)
+    else:
+        optimizer = masters / (gpu.host_adam_gparams * 1e9)
+    return reduce + gather, exposed, optimizer, offload
 
 
 def _context_ring(
