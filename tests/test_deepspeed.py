@@ -92,6 +92,18 @@ def test_zero_stages_with_and_without_offload_match_one_process(tiny_config, tmp
         name = f"zero{stage}-{offload}"
         names.append(name)
         configs.append(config_for(tiny_config, tmp_path / name, *evaluate, *DS, *extra))
+    # Activation checkpointing recomputes each block, ZeRO-3 gathering it again. The
+    # selective run goes first: run after the ZeRO-3 engines in the same processes, it
+    # did not match one process (DeepSpeed leaves ZeRO-3's patches in a process).
+    selective = config_for(
+        tiny_config, tmp_path / "selective-ac", *evaluate, *DS, "parallel.zero_stage=2",
+        "parallel.activation_checkpointing=selective",
+    )  # fmt: skip
+    full = config_for(
+        tiny_config, tmp_path / "zero3-full-ac", *evaluate, *DS, "parallel.zero_stage=3",
+        "parallel.activation_checkpointing=full",
+    )  # fmt: skip
+    configs, names = [selective, *configs, full], ["selective-ac", *names, "zero3-full-ac"]
     results = run_all(configs, world=2)
     weights = final_weights(tmp_path / "reference")
     val_loss = validation_loss(tmp_path / "reference")

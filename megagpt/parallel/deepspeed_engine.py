@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from megagpt.config import Config, ConfigError
 from megagpt.model.build import build_meta_model
+from megagpt.parallel.activation_checkpoint import apply_activation_checkpointing
 from megagpt.parallel.batches import Microbatch
 from megagpt.parallel.deepspeed_config import deepspeed_config
 from megagpt.parallel.deepspeed_ops import cpu_adam_built, op_built
@@ -124,6 +125,9 @@ def build_deepspeed_module(config: Config, env: DistributedEnv) -> DeepSpeedTrai
     model = build_meta_model(config.model)
     # Built whole on the host, where ZeRO-3 partitions it; the others move it over.
     materialize_shards(model, torch.device("cpu"), config.train.seed)
+    # As on the native engine: torch's non-reentrant checkpoint around each block (ZeRO-3
+    # gathers the block's parameters again for the recomputation through its hooks).
+    apply_activation_checkpointing(model, config.parallel.activation_checkpointing)
     module = DeepSpeedTrainModule([model], config, env, dims, mesh)
     ds_config = deepspeed_config(config, dims.dp, env.device.type == "cuda", module.precision)
     engine, *_ = deepspeed.initialize(
@@ -135,12 +139,13 @@ def build_deepspeed_module(config: Config, env: DistributedEnv) -> DeepSpeedTrai
     p = config.parallel
     log.info(
         "engine: DeepSpeed %s, ZeRO-%d on %d data-parallel rank(s); optimizer state on %s, "
-        "parameters on %s",
+        "parameters on %s; activation checkpointing %s",
         deepspeed.__version__,
         p.zero_stage,
         dims.dp,
         p.offload_optimizer if p.offload_optimizer != "none" else env.device.type,
         p.offload_params if p.offload_params != "none" else env.device.type,
+        p.activation_checkpointing,
     )
     dist.barrier()
     return module

@@ -239,14 +239,16 @@ def _deepspeed_layouts(config: Config, world_size: int) -> Iterator[Layout]:
     for zero in (1, 2, 3):
         for optimizer in devices:
             for params in devices if zero == 3 and optimizer != "none" else ("none",):
-                layout = Layout(
-                    dp=world_size,
-                    zero=zero,
-                    engine="deepspeed",
-                    offload_optimizer=optimizer,
-                    offload_params=params,
-                )
-                yield from _fitting_micro_batches(config, layout)
+                for ac in AC_MODES:
+                    layout = Layout(
+                        dp=world_size,
+                        zero=zero,
+                        ac=ac,
+                        engine="deepspeed",
+                        offload_optimizer=optimizer,
+                        offload_params=params,
+                    )
+                    yield from _fitting_micro_batches(config, layout)
 
 
 def _grids(world_size: int, gpus_per_node: int, seq_len: int) -> Iterator[tuple[int, ...]]:

@@ -14,13 +14,11 @@ The DeepSpeed engine (`engine=deepspeed`) keeps its own partitions (deepspeed_me
 and places each kind by its offload settings: in the GPU's total, in `host` memory or
 on `nvme`; its buffers are its gradient buckets and ZeRO-3's gathered blocks. Its
 activations are the same GPT's, calibrated on the model cast to bf16 itself (no
-autocast, so no weight copies), and never checkpointed: that engine applies no
-activation checkpointing, so an `ac` setting is planned as none (and noted).
+autocast, so no weight copies), checkpointed as on the native engine.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from megagpt.config import Config
@@ -123,7 +121,7 @@ def plan_layout(
     placement = state_placement(layout)
     # The DeepSpeed engine wraps the plain GPT and checkpoints nothing, whatever
     # parallel.activation_checkpointing says (parallel/deepspeed_engine.py): planned so.
-    runs = dataclasses.replace(layout, ac="none") if layout.engine == "deepspeed" else layout
+    runs = layout
     memory = []
     for pp_rank in range(layout.pp):
         if layout.engine == "deepspeed":
@@ -145,8 +143,6 @@ def plan_layout(
         f"activations {ACTIVATION_BYTES[config.train.precision]}-byte, calibrated on megagpt's "
         "GPT (planning/calibrate.py)",
     ]
-    if runs.ac != layout.ac:
-        notes.append(f"ac={layout.ac} planned as none: the deepspeed engine checkpoints nothing")
     time = step_time(config, runs, gpu, gpus_per_node, matmul_tflops)
     return Plan(layout, memory, time, gpu.memory_bytes, notes, placement)
 
