@@ -177,6 +177,7 @@ def test_checkpoints_cross_engines_and_resume_exactly(tiny_config, tmp_path, cap
         (["parallel.zero_stage=0"], "plain data parallelism is the native engine"),
         (["parallel.zero_stage=2", "parallel.offload_params=cpu"], "zero_stage = 3"),
         (["parallel.zero_stage=3", "parallel.offload_params=nvme"], "nvme_path"),
+        (["parallel.offload_optimizer=nvme"], "nvme needs parallel.zero_stage=3"),
     ],
 )
 def test_settings_the_deepspeed_engine_cannot_run_are_refused(tiny_config, extra, message):

@@ -401,6 +401,13 @@ def _check_engine(config: Config) -> None:
             "needs parallel.zero_stage 1, 2 or 3 on the deepspeed engine",
         )
         _check(
+            p.offload_optimizer != "nvme" or p.zero_stage == 3,
+            "parallel.offload_optimizer",
+            p.offload_optimizer,
+            "nvme needs parallel.zero_stage=3 (DeepSpeed's ZeRO-1/2 would keep the optimizer "
+            "in host memory instead); use cpu at stages 1-2",
+        )
+        _check(
             p.offload_params == "none" or p.zero_stage == 3,
             "parallel.offload_params",
             p.offload_params,

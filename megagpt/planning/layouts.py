@@ -237,7 +237,7 @@ def candidate_layouts(config: Config, world_size: int, gpus_per_node: int) -> It
 def _deepspeed_layouts(config: Config, world_size: int) -> Iterator[Layout]:
     devices = ("none", "cpu", "nvme") if config.parallel.nvme_path else ("none", "cpu")
     for zero in (1, 2, 3):
-        for optimizer in devices:
+        for optimizer in devices if zero == 3 else ("none", "cpu"):  # nvme: ZeRO-3 only
             for params in devices if zero == 3 and optimizer != "none" else ("none",):
                 for ac in AC_MODES:
                     layout = Layout(
