@@ -351,10 +351,8 @@ class GPT(nn.Module):
                 h = cross_entropy(h, targets, reduction)
                 if self.training and self.config.moe.num_experts:
                     aux = self.moe_auxiliary_loss(targets, reduction)
-                    if type(h).__name__ == "DTensor":  # tensor parallel's loss, whole on every rank
-                        from torch.distributed.tensor import DTensor  # (heavy: only here)
-
-                        aux = DTensor.from_local(aux, h.device_mesh, h.placements, run_check=False)
+                    if hasattr(h, "to_local"):  # tensor parallel's loss, whole on every rank
+                        h = h.to_local()  # (a DTensor; the model stays free of its import)
                     h = h + aux
         return h if classes is None else (h, classes)
 
