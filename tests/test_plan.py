@@ -318,6 +318,7 @@ MEASURED_LAYOUTS = [
     ({"parallel.context_parallel_size": 2}, 2),
     # expert parallelism: two of four routed experts per rank, the rest FSDP2-sharded
     ({**MOE, "parallel.zero_stage": 1, "parallel.expert_parallel_size": 2}, 2),
+    ({**MOE, "parallel.context_parallel_size": 2, "parallel.expert_parallel_size": 2}, 2),
     # bf16 autocast: the weight copies it keeps for backward count as activations
     ({"train.precision": "bf16"}, 1),
     ({"parallel.tensor_parallel_size": 2, "parallel.zero_stage": 3}, 4),
