@@ -115,13 +115,15 @@ def test_asha_prunes_a_trial_behind_at_its_rung_and_the_study_records_it(
     # Three trials that each beat the last at the first rung (step 2) go on to the end.
     for number, first in enumerate([5.0, 4.9, 4.8]):
         assert claim_trial(search, "worker") == number
-        hook = PruningHook(search, number)
+        hook = PruningHook(search, number, 6)
         assert report(hook, [(2, first), (4, first - 1), (6, first - 2)]) is None
         outcome = finish_trial(search, number)
         assert (outcome.state, outcome.value, outcome.last_step) == ("COMPLETE", first - 2, 6)
     # A fourth far behind them at step 2 is pruned there: the hook's reason stops its run.
     assert claim_trial(search, "worker") == 3
-    reason = report(PruningHook(search, 3), [(2, 9.0)])
+    # (Had step 2 been its last, it would have finished: a trained trial completes.)
+    assert PruningHook(search, 3, 2)(2, {"val_loss": 9.0}) is None
+    reason = report(PruningHook(search, 3, 6), [(2, 9.0)])
     assert reason == "trial 3 pruned by the asha pruner at step 2 (val_loss 9.0000)"
     outcome = finish_trial(search, 3)
     assert (outcome.state, outcome.value, outcome.note) == ("PRUNED", 9.0, "pruned at step 2")
@@ -129,7 +131,7 @@ def test_asha_prunes_a_trial_behind_at_its_rung_and_the_study_records_it(
     assert trial_file["state"] == "PRUNED" and trial_file["last_step"] == 2
     # A run that never logs the metric is a failed trial and a mistake worth stopping for.
     assert claim_trial(search, "worker") == 4
-    assert PruningHook(search, 4)(2, {"val_ppl": 3.0}) is None
+    assert PruningHook(search, 4, 6)(2, {"val_ppl": 3.0}) is None
     with pytest.raises(ConfigError, match=r"val_loss was not logged .*\(logged: val_ppl\)"):
         finish_trial(search, 4)
     assert claim_trial(search, "worker") is None  # all 5 trials asked
@@ -146,12 +148,12 @@ def test_median_pruner_and_maximized_metrics(dataset_prefix, tokenizer, tmp_path
     assert search.direction == "minimize"
     for number in range(5):  # MedianPruner waits for 5 finished trials
         claim_trial(search, "w")
-        assert PruningHook(search, number)(2, {"val_ppl": 10.0 + number}) is None
+        assert PruningHook(search, number, 6)(2, {"val_ppl": 10.0 + number}) is None
         finish_trial(search, number)
     claim_trial(search, "w")
-    assert PruningHook(search, 5)(2, {"val_ppl": 11.0}) is None  # better than the median 12
+    assert PruningHook(search, 5, 6)(2, {"val_ppl": 11.0}) is None  # better than the median 12
     assert claim_trial(search, "another worker") == 6
-    assert "pruned by the median pruner" in PruningHook(search, 6)(2, {"val_ppl": 13.0})
+    assert "pruned by the median pruner" in PruningHook(search, 6, 6)(2, {"val_ppl": 13.0})
     accuracy = plan_search(
         tmp_path / "acc",
         None,
@@ -174,7 +176,7 @@ def test_workers_share_the_journal_and_the_sampler_is_seeded(dataset_prefix, tok
         # a worker that has not finished its trial gets it back (a requeued array task)
         assert numbers == [0, 1, 0, 1]
         for number in (0, 1):
-            report(PruningHook(search, number), [(2, 5.0 - number)])
+            report(PruningHook(search, number, 6), [(2, 5.0 - number)])
             finish_trial(search, number)
         numbers += [claim_trial(search, w) for w in ("a", "b", "c")]
         assert numbers[4:] == [2, 3, None]  # never more than --trials, across workers

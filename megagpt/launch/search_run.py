@@ -58,8 +58,8 @@ class PruningHook:
     returns a stop reason when the pruner prunes it. The study opens at the first call,
     on the main rank only (the trainer calls hooks there)."""
 
-    def __init__(self, search: Search, number: int):
-        self.search, self.number = search, number
+    def __init__(self, search: Search, number: int, max_steps: int):
+        self.search, self.number, self.max_steps = search, number, max_steps
         self.trial = None
 
     def __call__(self, step: int, metrics: dict[str, float]) -> str | None:
@@ -72,7 +72,9 @@ class PruningHook:
         if value is None:  # this evaluation did not measure it (e.g. eval.interval)
             return None
         self.trial.report(float(value), step)
-        if not self.trial.should_prune():
+        # At the last step the trial has finished: it completes, whatever the pruner
+        # would say (with parallel workers, later rungs may fill up while it trains).
+        if step >= self.max_steps or not self.trial.should_prune():
             return None
         self.trial.set_user_attr("pruned_at", step)
         return (
@@ -182,7 +184,8 @@ def _train(search: Search, number: int, overrides: list[str], directory: Path) -
     if search.nproc == 1:
         config = load_config(search.config, overrides)
         with _trial_log(directory):
-            return exit_code(train(config, hooks=[PruningHook(search, number)]))
+            hook = PruningHook(search, number, config.train.max_steps)
+            return exit_code(train(config, hooks=[hook]))
     command = ["-m", "megagpt.launch.search_run", search.directory, "--trial", str(number)]
     return run_agent(torchrun_arguments(search.nproc, command), launch_environment(search.nproc))
 
@@ -262,7 +265,7 @@ def _train_one_rank(directory: str, number: int) -> int:
     search = Search.load(directory)
     _, _, frozen = _frozen_trial(search, number)
     config = load_config(search.config, search.trial_overrides(frozen.params, number))
-    return exit_code(train(config, hooks=[PruningHook(search, number)]))
+    return exit_code(train(config, hooks=[PruningHook(search, number, config.train.max_steps)]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
