@@ -50,7 +50,6 @@ import torch.distributed as dist
 from torch import nn
 
 from megagpt.config import ConfigError
-from megagpt.model.moe import MoE
 
 KERNELS = ("auto", "fused", "math")
 """Block kernels of `ring_attention`: "fused" is torch's CPU flash kernel (CPU only),
@@ -339,6 +338,5 @@ def apply_context_parallel(part: nn.Module, group: dist.ProcessGroup) -> None:
     attention = functools.partial(ring_attention, group=group)
     for block in part.layers.values():
         block.attn.attention_fn = attention
-    for module in part.modules():  # MoE layers' balance loss counts whole sequences
-        if isinstance(module, MoE):
-            module.sum_over_sequence = functools.partial(dist.all_reduce, group=group)
+    for moe in part.moe_layers:  # their balance loss counts whole sequences
+        moe.sum_over_sequence = functools.partial(dist.all_reduce, group=group)

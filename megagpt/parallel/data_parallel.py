@@ -28,7 +28,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
 from megagpt.model.gpt import GPT
-from megagpt.model.moe import MoE
 
 OFFLOAD_DESCRIPTION = (
     "CPU offload (sharded parameters, gradients and optimizer state in host memory, "
@@ -53,7 +52,7 @@ def apply_data_parallel(
     dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
     offload = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
     if expert_mesh is not None:
-        for moe in moe_layers(part):
+        for moe in part.moe_layers:
             fully_shard(
                 moe.experts,
                 mesh=expert_mesh["dp_replicate", "efsdp"],
@@ -67,10 +66,6 @@ def apply_data_parallel(
     # The root (embeddings, final norm, output layer) is needed again as soon as
     # backward starts, so it stays gathered through the step, as in torchtitan.
     fully_shard(part, mesh=dp_mesh, reshard_after_forward=False, offload_policy=offload)
-
-
-def moe_layers(part: GPT) -> list[MoE]:
-    return [m for m in part.modules() if isinstance(m, MoE)]
 
 
 @torch.no_grad()

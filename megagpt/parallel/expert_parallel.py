@@ -29,9 +29,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from megagpt.model.gpt import GPT
-from megagpt.model.moe import GroupedExperts, expert_mlp
-from megagpt.parallel.data_parallel import moe_layers
+from megagpt.model.moe import GroupedExperts, MoE, expert_mlp
 
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -87,10 +85,11 @@ class ExpertParallelExperts(GroupedExperts):
         return _ScaleGradient.apply(local, 1.0 / dist.get_world_size(self.group))
 
 
-def apply_expert_parallel(part: GPT, ep_mesh: DeviceMesh) -> None:
+def apply_expert_parallel(part: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Shard each MoE layer's routed experts on dim 0 over `ep_mesh` (on the meta
     device, before ZeRO) and make their forward dispatch rows by all-to-all."""
-    for moe in moe_layers(part):
+    # (any module: a GPT part, or one MoE layer on its own as the dispatch test has it)
+    for moe in (m for m in part.modules() if isinstance(m, MoE)):
         experts = moe.experts
         for name in EXPERT_WEIGHTS:
             if hasattr(experts, name):
