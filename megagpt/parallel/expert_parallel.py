@@ -71,9 +71,9 @@ class ExpertParallelExperts(GroupedExperts):
         segment = torch.arange(local_experts, device=x.device) * ep
         segment = segment + torch.arange(ep, device=x.device)[:, None]  # (ep, E/ep)
         order = segment.flatten().repeat_interleave(received.flatten()).argsort(stable=True)
-        weights = [self._local(name) for name in EXPERT_WEIGHTS if hasattr(self, name)]
-        gate = weights.pop(0) if self.swiglu else None
-        out = expert_mlp(rows[order], received.sum(0), *weights, gate)
+        gate = self._local("gate_proj") if self.swiglu else None
+        up, down = self._local("up_proj"), self._local("down_proj")
+        out = expert_mlp(rows[order], received.sum(0), up, down, gate)
         out = out[order.argsort()]  # back to sender order
         return all_to_all_single_autograd(out, sent_splits, received_splits, self.group)
 
