@@ -22,7 +22,12 @@ from megagpt.config import apply_overrides, load_config
 from megagpt.generate import generate
 from megagpt.harness.generation import generate_batch
 from megagpt.harness.pydoc_tasks import write_pydoc_tasks
-from megagpt.harness.scoring import loglikelihoods, multiple_choice_metrics
+from megagpt.harness.scoring import (
+    Row,
+    loglikelihoods,
+    multiple_choice_metrics,
+    token_budget_batches,
+)
 from megagpt.model import build_model
 from megagpt.parallel.inference import InferenceRunner
 from megagpt.testing import run_distributed
@@ -282,6 +287,19 @@ def test_shared_context_rows_score_each_request_as_alone(shape):
     for prompt, new in zip(prompts, together):
         alone_ids = generate(model, torch.tensor([prompt]), 10, temperature=0)[0, len(prompt) :]
         assert new == alone_ids.tolist()
+
+
+def test_shorter_rows_share_a_forward_within_the_first_batchs_tokens():
+    """batch_size rows of the longest length set the budget; shorter rows fill it."""
+    rows = [Row(tokens=[0] * n) for n in (10, 9, 5, 5, 5, 4, 2, 2, 1)]
+    batches = token_budget_batches(rows, batch_size=2)
+    assert [[len(r.tokens) for r in b] for b in batches] == [
+        [10, 9],
+        [5, 5, 5, 4],  # 4 x 5 = 20 tokens padded, the budget
+        [2, 2, 1],
+    ]
+    assert [len(b) for b in token_budget_batches(rows, batch_size=1)] == [1, 1, 2, 2, 3]
+    assert token_budget_batches([], batch_size=4) == []
 
 
 def test_multiple_choice_metrics_normalize_by_characters():

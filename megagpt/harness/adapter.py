@@ -50,7 +50,8 @@ class MegagptLM(TemplateLM):
         checkpoint: A checkpoint directory, checkpoints/ root or run directory (not
             needed with `model`).
         batch_size: Sequences per forward: contexts (each with its continuations) for
-            log-likelihoods, prompts for generation. Results do not depend on it.
+            log-likelihoods, as many rows of the longest length (shorter rows fill
+            that many tokens), prompts for generation. Results do not depend on it.
         device: cpu, cuda or auto (a GPU index is ignored: each process uses the GPU of
             its LOCAL_RANK).
         overrides: Settings on top of the checkpoint's config, space-separated or a

@@ -181,9 +181,28 @@ def loglikelihoods(
     # large batch fails at once rather than at the end.
     rows.sort(key=lambda r: (-len(r.tokens), r.tokens))
     answers: dict[int, tuple[float, bool]] = {}
-    for start in range(0, len(rows), batch_size):
-        answers.update(score_batch(runner, rows[start : start + batch_size], pad_id))
+    for batch in token_budget_batches(rows, batch_size):
+        answers.update(score_batch(runner, batch, pad_id))
     return [answers[i] for i in range(len(requests))]
+
+
+def token_budget_batches(rows: Sequence[Row], batch_size: int) -> list[Sequence[Row]]:
+    """Consecutive slices of `rows` (longest first) holding at most as many tokens,
+    padding included, as the first batch: `batch_size` rows of the longest length.
+
+    Shorter rows thus share a forward in larger numbers: fewer, fuller forwards at no
+    more memory than the first batch takes (cloze requests/s on CPU against lm-eval's
+    hf backend: 1.41x with `batch_size` rows per forward; benchmarks/RESULTS.md)."""
+    if not rows:
+        return []
+    budget = batch_size * len(rows[0].tokens)
+    batches, start = [], 0
+    while start < len(rows):
+        longest = len(rows[start].tokens)
+        count = max(1, budget // longest)
+        batches.append(rows[start : start + count])
+        start += count
+    return batches
 
 
 def multiple_choice_metrics(
