@@ -10,8 +10,12 @@ memory: the layouts of tests/test_plan.py (tiny GPT, 1-8 gloo ranks) in bf16 aut
     and selective recomputation, else s b h (10 + 24 / t)), for what each covers.
 time: layouts of 2 gloo ranks (one thread each) trained by megagpt's own loop
     (as benchmarks/parallel_overhead.py), median tokens/s after step 2, against the
-    plan's step time on this CPU (the model FLOP rate one process achieves, gloo
-    bandwidth and latency, all measured in the same run); the orders, Kendall's tau.
+    plan's step time on this CPU, all its inputs measured in the same run: gloo's
+    bandwidth and latency (median all-reduce times), the copy bandwidth, the framework's
+    host time per block for each parallel style (the slope over two depths of what the
+    plan without it misses, on a 64-wide model whose FLOPs are negligible: a different
+    model from the one predicted) and the model FLOP rate one process achieves less that
+    host time; the orders compared by Kendall's tau-b, and the tokens/s errors.
 
     pip install deepspeed   # for its estimators (the memory part)
     python benchmarks/plan_accuracy.py [--part memory|time|both] [--steps 8]
@@ -143,22 +147,37 @@ TIME_LAYOUTS = {
 
 
 def gloo_link() -> tuple[float, float]:
-    """(GB/s, microseconds) of a 2-rank gloo all-reduce here: a 16 MiB one and a tiny one."""
+    """(GB/s, microseconds) of a 2-rank gloo all-reduce here, from the median times of a
+    16 MiB one and a 256 KiB one (a tensor-parallel block's activations): medians, not
+    best times, as training meets them (mid-sized messages on this shared VM often wait
+    several times their best)."""
     torch.set_num_threads(1)
-    big, tiny = torch.ones(4 * 2**20), torch.ones(1)
+    big, mid = torch.ones(4 * 2**20), torch.ones(2**16)
 
-    def best(tensor, repeats):
+    def median(tensor, repeats):
         times = []
         for _ in range(repeats):
             dist.barrier()
             start = time.perf_counter()
             dist.all_reduce(tensor)
             times.append(time.perf_counter() - start)
-        return min(times)
+        return statistics.median(times)
 
-    latency = best(tiny, 50)
-    seconds = best(big, 5) - latency
-    return big.numel() * 4 / seconds / 1e9, latency * 1e6
+    t_big, t_mid = median(big, 9), median(mid, 41)
+    bandwidth = (big.numel() - mid.numel()) * 4 / (t_big - t_mid)
+    latency = t_mid - mid.numel() * 4 / bandwidth
+    return bandwidth / 1e9, latency * 1e6
+
+
+def copy_gbps() -> float:
+    """Bytes read and written per second by one thread copying 64 MiB here (median)."""
+    a, b = torch.ones(16 * 2**20), torch.empty(16 * 2**20)
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - start)
+    return 2 * a.numel() * 4 / statistics.median(times) / 1e9
 
 
 def measure_single(base: list[str], workdir: Path) -> float:
@@ -171,9 +190,58 @@ def measure_single(base: list[str], workdir: Path) -> float:
 
 
 def _kendall(a: list[float], b: list[float]) -> float:
+    """Kendall's tau-b (scipy's default): pairs tied in either order count for neither
+    side (the plan gives 1F1B and GPipe the same time: they differ in memory)."""
     pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
-    agree = sum((a[i] - a[j]) * (b[i] - b[j]) > 0 for i, j in pairs)
-    return (2 * agree - len(pairs)) / len(pairs)
+    signs = [(a[i] - a[j]) * (b[i] - b[j]) for i, j in pairs]
+    concordant, discordant = sum(s > 0 for s in signs), sum(s < 0 for s in signs)
+    untied_a = sum(a[i] != a[j] for i, j in pairs)
+    untied_b = sum(b[i] != b[j] for i, j in pairs)
+    return (concordant - discordant) / (untied_a * untied_b) ** 0.5
+
+
+# The framework's host time per block, by parallel style: measured on a narrow model
+# (FLOPs negligible) at two depths, so what grows with the blocks is separated from
+# what each step pays once (embedding, output layer, optimizer, the loop).
+OVERHEAD_STYLES = {
+    "block": ["parallel.zero_stage=0"],
+    "sharded": ["parallel.zero_stage=3"],
+    "tensor_parallel": ["parallel.tensor_parallel_size=2"],
+    "sequence_parallel": ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
+}
+NARROW = ["model.hidden_size=64", "model.n_heads=8", "data.seq_len=16"]
+DEPTHS = (2, 6)
+
+
+def _missed_us_per_block(style, base, workdir, steps, accelerator, rate) -> float:
+    """Microseconds per block per microbatch that the plan without overheads leaves out
+    of this style's measured step on the narrow model (the slope over DEPTHS)."""
+    missed = []
+    for depth in DEPTHS:
+        overrides = [*OVERHEAD_STYLES[style], *NARROW, f"model.n_layers={depth}"]
+        config = load_config(None, [*base, *overrides])
+        tokens = config.train.global_batch_size * config.data.seq_len
+        measured = tokens / measure(overrides, base, workdir, steps)
+        layout = Layout.from_config(config, 2)
+        planned = plan_layout(config, layout, accelerator, 2, None, rate).time["step_s"]
+        microbatches = config.train.global_batch_size // (layout.mbs * layout.dp)
+        missed.append((measured - planned) / microbatches)
+    return (missed[1] - missed[0]) / (DEPTHS[1] - DEPTHS[0]) * 1e6
+
+
+def framework_overheads(base, workdir, steps, accelerator, rate) -> dict[str, float]:
+    """The accelerator's overheads (hardware.py), each style's extra over the one below
+    it; FSDP2's per gather or reduce-scatter (three per microbatch at ZeRO-3)."""
+    slope = {
+        style: _missed_us_per_block(style, base, workdir, steps, accelerator, rate)
+        for style in OVERHEAD_STYLES
+    }
+    return {
+        "block": slope["block"],
+        "sharded": (slope["sharded"] - slope["block"]) / 3,
+        "tensor_parallel": slope["tensor_parallel"] - slope["block"],
+        "sequence_parallel": slope["sequence_parallel"] - slope["tensor_parallel"],
+    }
 
 
 def time_part(tmp: str, steps: int) -> None:
@@ -190,19 +258,30 @@ def time_part(tmp: str, steps: int) -> None:
     torch.set_num_threads(1)
     rate = measure_matmul_tflops(512)
     bandwidth, latency = run_distributed(gloo_link, 2)[0]
-    cpu = cpu_accelerator(8, rate, bandwidth, latency)
+    memory = copy_gbps()
     print(
-        f"this CPU: {rate:.3g} TFLOP/s fp32 on one thread; gloo {bandwidth:.2f} GB/s, "
-        f"{latency:.0f} us per all-reduce"
+        f"this CPU: {rate:.3g} TFLOP/s fp32 on one thread; copies {memory:.1f} GB/s; gloo "
+        f"{bandwidth:.2f} GB/s, {latency:.0f} us per all-reduce"
     )
-    # megagpt's own achieved rate: one process training the model at the same
-    # microbatch, in model FLOPs per second. (Scaling it per layout by the rate of that
+    # megagpt's own FLOP rate: one process training the model at the same microbatch,
+    # less its framework time per block. (Scaling it per layout by the rate of that
     # layout's block matmul shapes was tried: on this shared machine the differences
-    # drowned in the noise of timing small matmuls.)
+    # drowned in the noise of timing small matmuls. So was scaling it by the matmul
+    # rate of both ranks computing at once against one alone: noise again, +-20%.)
     single = load_config(None, base)
     one = measure_single(base, workdir)
-    achieved = one * flops_per_token(single.model, single.data.seq_len) / 1e12
-    print(f"one process: {one:.0f} tokens/s = {achieved:.3g} model TFLOP/s achieved")
+    bare = cpu_accelerator(8, rate, bandwidth, latency, memory_gbps=memory)
+    overheads = framework_overheads(base, workdir, steps, bare, rate)
+    print(
+        "framework time per block per microbatch (us): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in overheads.items())
+    )
+    tokens = single.train.global_batch_size * single.data.seq_len
+    blocks = single.model.n_layers * single.train.global_batch_size // single.train.micro_batch_size
+    flop_seconds = tokens / one - blocks * overheads["block"] * 1e-6
+    achieved = tokens * flops_per_token(single.model, single.data.seq_len) / flop_seconds / 1e12
+    print(f"one process: {one:.0f} tokens/s = {achieved:.3g} model TFLOP/s less its overheads")
+    cpu = cpu_accelerator(8, achieved, bandwidth, latency, overheads, memory)
     measured, predicted = [], []
     for name, overrides in TIME_LAYOUTS.items():
         config = load_config(None, [*base, *overrides])
@@ -222,6 +301,8 @@ def time_part(tmp: str, steps: int) -> None:
     print("fastest first, measured:", ", ".join(by_measured))
     print("fastest first, planned: ", ", ".join(by_plan))
     print(f"Kendall's tau between the orders: {_kendall(measured, predicted):.2f}")
+    errors = [abs(p / m - 1) for p, m in zip(predicted, measured)]
+    print(f"tokens/s error: mean {statistics.mean(errors):.1%}, largest {max(errors):.1%}")
 
 
 def main() -> None:

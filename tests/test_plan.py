@@ -11,7 +11,7 @@ from megagpt.cli import main
 from megagpt.config import ConfigError, load_config
 from megagpt.model.build import build_model
 from megagpt.planning.calibrate import calibrate
-from megagpt.planning.hardware import find_accelerator, load_accelerators
+from megagpt.planning.hardware import cpu_accelerator, find_accelerator, load_accelerators
 from megagpt.planning.layouts import Layout, apply_layout, candidate_layouts, parse_layout
 from megagpt.planning.memory import _remember, in_flight, model_state_bytes, parameter_shapes
 from megagpt.planning.plan import plan_layout, search
@@ -205,6 +205,40 @@ def test_accelerator_table_and_user_file(tmp_path):
         load_accelerators(extra)
     with pytest.raises(ConfigError, match="not in the accelerator table; known: a100-40gb"):
         find_accelerator("tpu", table)
+
+
+def test_a_cpus_framework_overheads_and_unhidden_traffic_add_to_the_step():
+    """Host time per block per microbatch (more under tensor and sequence parallelism),
+    FSDP2's per collective with sharded parameters, and data-parallel traffic that a
+    CPU cannot hide under compute: each adds what it says, and nothing on a GPU."""
+    config = load_config("tiny", ["train.global_batch_size=16", "train.micro_batch_size=2"])
+    overheads = {"block": 1000, "tensor_parallel": 3000, "sequence_parallel": 500, "sharded": 200}
+    bare = cpu_accelerator(8, 0.05, 1.0, 100)
+    cpu = cpu_accelerator(8, 0.05, 1.0, 100, overheads)
+    layers = config.model.n_layers
+
+    def extra(layout: str) -> float:
+        chosen = parse_layout(layout + ",mbs=2", 2)
+        return (
+            plan_layout(config, chosen, cpu, 2).time["compute_s"]
+            - plan_layout(config, chosen, bare, 2).time["compute_s"]
+        )
+
+    # dp2: 4 microbatches per rank; tp2: 8; ZeRO-3: 3 collectives per microbatch.
+    assert extra("dp=2,zero=0") == pytest.approx(4 * layers * 1000e-6)
+    assert extra("tp=2") == pytest.approx(8 * layers * 4000e-6)
+    assert extra("tp=2,sp=1") == pytest.approx(8 * layers * 4500e-6)
+    assert extra("dp=2,zero=3") == pytest.approx(4 * layers * (1000 + 3 * 200) * 1e-6)
+    assert extra("dp=2,zero=0,ac=full") == pytest.approx(4 * layers * 1000e-6 * 4 / 3)
+    zero3 = plan_layout(config, parse_layout("dp=2,zero=3,mbs=2", 2), bare, 2).time
+    assert zero3["data_parallel_exposed_s"] == zero3["data_parallel_s"] > 0  # not hidden
+    gpu = find_accelerator("h100-80gb", load_accelerators())
+    assert gpu.block_overhead_us == 0 and gpu.overlap
+    big = load_config("gpt3-1.3b")
+    on_gpu = plan_layout(big, parse_layout("dp=8,zero=3", 8), gpu, 8).time
+    assert 0 < on_gpu["data_parallel_exposed_s"] < on_gpu["data_parallel_s"]
+    tiny_on_gpu = plan_layout(config, parse_layout("dp=2,zero=3,mbs=2", 2), gpu, 2).time
+    assert tiny_on_gpu["data_parallel_exposed_s"] <= tiny_on_gpu["data_parallel_s"]
 
 
 def test_checkpointing_saves_activations_in_the_documented_order():

@@ -55,6 +55,22 @@ class Accelerator:
     nvme_gbps: float = 2.0
     """NVMe read/write bandwidth per GPU, for DeepSpeed's NVMe offload (a PCIe gen4
     drive's ~6 GB/s shared by the GPUs of a node, a few drives per node)."""
+    overlap: bool = True
+    """Whether data-parallel traffic hides under compute (FSDP2's prefetching on a GPU's
+    own copy engines and streams). False on a CPU whose cores all compute: gloo's
+    thread then takes its time from the compute."""
+    block_overhead_us: float = 0.0
+    """Framework time on the host per transformer block per microbatch (forward and
+    backward) beyond its FLOPs: op dispatch, autograd, hooks. A GPU's queue hides it
+    once kernels outlast their launches (0 here); on a CPU it is measured
+    (benchmarks/plan_accuracy.py) and dominates small models."""
+    tensor_parallel_overhead_us: float = 0.0
+    """Extra of the above under tensor parallelism (DTensor's dispatch and
+    redistributions); sequence_parallel_overhead_us adds to it with SP."""
+    sequence_parallel_overhead_us: float = 0.0
+    sharded_overhead_us: float = 0.0
+    """Host time per block per FSDP2 gather or reduce-scatter (copy-in and copy-out of
+    the flat buffers, hooks), beyond the bytes on the wire."""
     note: str = ""
 
     @property
@@ -122,19 +138,29 @@ def find_accelerator(name: str, table: dict[str, Accelerator]) -> Accelerator:
 
 
 def cpu_accelerator(
-    memory_gib: float, matmul_tflops: float, bandwidth_gbps: float, latency_us: float
+    memory_gib: float,
+    matmul_tflops: float,
+    bandwidth_gbps: float,
+    latency_us: float,
+    overheads_us: dict[str, float] | None = None,
+    memory_gbps: float = 10.0,
 ) -> Accelerator:
     """This machine's CPU as one rank's 'accelerator': its share of the memory, the
-    matmul rate, gloo's bandwidth and latency, all measured by the caller."""
+    matmul rate, gloo's bandwidth and latency, the framework's host time per block
+    (`overheads_us`: block, tensor_parallel, sequence_parallel, sharded) and the copy
+    bandwidth, all measured by the caller. Communication does not overlap compute:
+    every core computes."""
     return Accelerator(
         "cpu",
         memory_gib,
         matmul_tflops,
         0,
-        10,
+        memory_gbps,
         bandwidth_gbps,
         bandwidth_gbps,
         1.0,
         latency_us,
+        overlap=False,
+        **{f"{k}_overhead_us": v for k, v in (overheads_us or {}).items()},
         note="this machine, measured",
     )

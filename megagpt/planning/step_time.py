@@ -1,8 +1,10 @@
 """Predicted step time of a layout, part by part.
 
 compute      model FLOPs (PaLM's accounting, megagpt.model.flops) per GPU, plus the
-             forward recomputed under full activation checkpointing, over the
-             achievable matmul rate (peak x `achievable`, or a rate measured here).
+             blocks' forward recomputed under full activation checkpointing, over the
+             achievable matmul rate (peak x `achievable`, or a rate measured here);
+             plus the framework's host time per block (the accelerator's overheads:
+             0 on GPUs, whose queues hide it; measured on a CPU).
 tensor       Megatron's four all-reduces per block per microbatch (two forward, two
              backward; all-gather + reduce-scatter with sequence parallelism move the
              same bytes), ring cost 2 (t-1)/t x bytes / bandwidth; six with full
@@ -21,7 +23,8 @@ data         gradient reduction and ZeRO's parameter gathers in fp32 (FSDP2 with
              a gather per microbatch, 3 two gathers; over data x context ranks (context
              ranks shard parameters at stage 0 too, so stage 0 moves as 1 there).
              Overlapped with compute by FSDP2's prefetching except the first gather and
-             last reduction (two blocks' worth), and whatever exceeds the compute.
+             last reduction (two blocks' worth), and whatever exceeds the compute; not
+             at all where the accelerator says it cannot overlap (a CPU).
 bubble       (p - 1) / (v m) of the pipelined work; a third of it for zero_bubble.
 optimizer    AdamW reads parameter, gradient and two moments and writes three back:
              28 bytes per local parameter over memory bandwidth.
@@ -85,9 +88,10 @@ def step_time(
     rate = (matmul_tflops or gpu.bf16_tflops * gpu.achievable) * 1e12
 
     flops = flops_per_token(m, seq) * tokens_per_step / world
-    if layout.ac == "full":
-        flops *= 4 / 3  # the forward again, in backward
-    compute = flops / rate
+    if layout.ac == "full":  # the blocks' forward again, in backward (not the output layer)
+        head = 6 * m.padded_vocab_size * m.hidden_size * tokens_per_step / world
+        flops += (flops - head) / 3
+    compute = flops / rate + _framework_time(config, layout, gpu, microbatches)
 
     layers_here = L / layout.pp
     local_seq = seq // layout.cp  # this rank's tokens of each sequence
@@ -164,14 +168,13 @@ def _native_traffic(
     if layout.zero == 0 and layout.cp == 1:
         data = _ring(grads, d, dp_bw, 2) + 2 * calls * _ring(0, d, dp_bw, 1, gpu.latency_us)
     else:
-        reduce_once = layout.zero <= 1  # stage 0 here: sharded over context ranks
-        passes = (1 if reduce_once else microbatches) + microbatches * (
-            2 if layout.zero == 3 else 1
-        )
+        passes = _sharded_passes(layout, microbatches)
         data = _ring(grads, d, dp_bw, passes) + passes * calls * _ring(
             0, d, dp_bw, 1, gpu.latency_us
         )
-    exposed_data = 2 * data / max(layers_here, 1) + max(0.0, data - compute)
+    exposed_data = min(data, 2 * data / max(layers_here, 1) + max(0.0, data - compute))
+    if not gpu.overlap:
+        exposed_data = data
 
     local_params = grads / 4 / layout.shard
     optimizer = 28 * local_params / (gpu.memory_bandwidth_gbps * 1e9 * 0.8)
@@ -181,6 +184,38 @@ def _native_traffic(
         offload = copies / (gpu.host_gbps * 1e9)
         optimizer = local_params / (gpu.host_adam_gparams * 1e9)  # AdamW on the host
     return data, exposed_data, optimizer, offload
+
+
+def _sharded_passes(layout: Layout, microbatches: int) -> int:
+    """FSDP2 collectives per block per step when parameters are sharded: the
+    reduce-scatters (once at ZeRO 0-1, every microbatch at 2-3) and the gathers (one
+    per microbatch, two at ZeRO-3); 0 for plain data parallelism."""
+    if layout.engine == "deepspeed" or (layout.zero == 0 and layout.cp == 1):
+        return 0
+    reduce_once = layout.zero <= 1  # stage 0 here: sharded over context ranks
+    gathers = 2 if layout.zero == 3 else 1
+    return (1 if reduce_once else microbatches) + microbatches * gathers
+
+
+def _framework_time(config: Config, layout: Layout, gpu: Accelerator, microbatches: int) -> float:
+    """Seconds of framework work per step beyond the FLOPs: the accelerator's host
+    overheads (0 for GPUs, measured on a CPU) for every block of the stage per
+    microbatch, a third more for the forward recomputed under full checkpointing, and
+    FSDP2's hooks per block per collective when parameters are sharded; and FSDP2's
+    copy-in and copy-out of the gathered or reduced bytes at memory bandwidth."""
+    passes = _sharded_passes(layout, microbatches)
+    copies = 2 * passes * unsharded_stage_bytes(config, layout, 0)
+    per_block = gpu.block_overhead_us
+    if layout.tp > 1:
+        per_block += gpu.tensor_parallel_overhead_us
+        if layout.sp:
+            per_block += gpu.sequence_parallel_overhead_us
+    if layout.ac == "full":
+        per_block *= 4 / 3
+    layers_here = config.model.n_layers / layout.pp
+    sharded = gpu.sharded_overhead_us * passes
+    host = layers_here * (microbatches * per_block + sharded) * 1e-6
+    return host + copies / (gpu.memory_bandwidth_gbps * 1e9)
 
 
 def _deepspeed_traffic(
@@ -209,7 +244,9 @@ def _deepspeed_traffic(
         gather = _ring(whole * width, d, bw, passes) + passes * calls * _ring(
             0, d, bw, 1, gpu.latency_us
         )
-        exposed = reduce + gather / calls + max(0.0, gather - compute)
+        exposed = reduce + min(gather, gather / calls + max(0.0, gather - compute))
+        if not gpu.overlap:
+            exposed = reduce + gather
     else:
         gather = _ring(whole * width, d, bw, 1) + buckets * _ring(0, d, bw, 1, gpu.latency_us)
         exposed = reduce + gather
