@@ -11,7 +11,7 @@ memory: the layouts of tests/test_plan.py (tiny GPT, 1-8 gloo ranks) in bf16 aut
 time: layouts of 2 gloo ranks (one thread each) trained by megagpt's own loop
     (as benchmarks/parallel_overhead.py), median tokens/s after step 2, against the
     plan's step time on this CPU, all its inputs measured in the same run: gloo's
-    bandwidth and latency (median all-reduce times), the copy bandwidth, the framework's
+    bandwidth and latency (best all-reduce times), the copy bandwidth, the framework's
     host time per block for each parallel style (the slope over two depths of what the
     plan without it misses, on a 64-wide model whose FLOPs are negligible: a different
     model from the one predicted) and the model FLOP rate one process achieves less that
@@ -147,26 +147,25 @@ TIME_LAYOUTS = {
 
 
 def gloo_link() -> tuple[float, float]:
-    """(GB/s, microseconds) of a 2-rank gloo all-reduce here, from the median times of a
-    16 MiB one and a 256 KiB one (a tensor-parallel block's activations): medians, not
-    best times, as training meets them (mid-sized messages on this shared VM often wait
-    several times their best)."""
+    """(GB/s, microseconds) of a 2-rank gloo all-reduce here, from the best times of a
+    16 MiB one and a tiny one. (Medians were tried: on this shared VM they move the
+    latency from 10 us to 2.5 ms between runs. What a mid-sized message waits beyond
+    these, tensor parallelism's per block, lands in the measured per-block time.)"""
     torch.set_num_threads(1)
-    big, mid = torch.ones(4 * 2**20), torch.ones(2**16)
+    big, tiny = torch.ones(4 * 2**20), torch.ones(1)
 
-    def median(tensor, repeats):
+    def best(tensor, repeats):
         times = []
         for _ in range(repeats):
             dist.barrier()
             start = time.perf_counter()
             dist.all_reduce(tensor)
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return min(times)
 
-    t_big, t_mid = median(big, 9), median(mid, 41)
-    bandwidth = (big.numel() - mid.numel()) * 4 / (t_big - t_mid)
-    latency = t_mid - mid.numel() * 4 / bandwidth
-    return bandwidth / 1e9, latency * 1e6
+    latency = best(tiny, 50)
+    seconds = best(big, 5) - latency
+    return big.numel() * 4 / seconds / 1e9, latency * 1e6
 
 
 def copy_gbps() -> float:
@@ -214,6 +213,19 @@ NARROW = ["model.hidden_size=64", "model.n_heads=8", "data.seq_len=16", "train.m
 DEPTHS = (2, 6)
 
 
+def quiet_step_seconds(overrides: list[str], base: list[str], workdir: Path) -> float:
+    """The lower quartile of a 2-rank run's step times after step 2: a slope between
+    two runs is a difference of small numbers, and one burst of the host's CPU steal in
+    either (they come and go here, doubling a step) would swamp it."""
+    out = workdir / f"narrow-{time.monotonic_ns()}"
+    config = load_config(None, [*base, *overrides, f"train.output_dir={out}"])
+    run_distributed(train, 2, args=(config,), timeout_s=1800)
+    tokens = config.train.global_batch_size * config.data.seq_len
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    seconds = [tokens / r["tokens_per_s"] for r in records if r["step"] > 2]
+    return statistics.quantiles(seconds, n=4)[0]
+
+
 def _missed_us_per_block(style, base, workdir, steps, accelerator, rate) -> float:
     """Microseconds per block per microbatch that the plan without overheads leaves out
     of this style's measured step on the narrow model (the slope over DEPTHS)."""
@@ -221,8 +233,7 @@ def _missed_us_per_block(style, base, workdir, steps, accelerator, rate) -> floa
     for depth in DEPTHS:
         overrides = [*OVERHEAD_STYLES[style], *NARROW, f"model.n_layers={depth}"]
         config = load_config(None, [*base, *overrides])
-        tokens = config.train.global_batch_size * config.data.seq_len
-        measured = tokens / measure(overrides, base, workdir, steps)
+        measured = quiet_step_seconds(overrides, base, workdir)
         layout = Layout.from_config(config, 2)
         planned = plan_layout(config, layout, accelerator, 2, None, rate).time["step_s"]
         microbatches = config.train.global_batch_size // (layout.mbs * layout.dp)
