@@ -11,7 +11,7 @@ from megagpt.data.settings import check_data_config
 from megagpt.planning.calibrate import measure_matmul_tflops
 from megagpt.planning.hardware import find_accelerator, load_accelerators
 from megagpt.planning.layouts import Layout, apply_layout, parse_layout
-from megagpt.planning.plan import Plan, plan_layout, search
+from megagpt.planning.plan import OFF, Plan, plan_layout, search
 
 GIB = 2**30
 MEMORY_PARTS = ("parameters", "gradients", "optimizer_state", "activations", "buffers", "margin")
@@ -61,7 +61,7 @@ def _describe(plan: Plan) -> list[str]:
     for rank, memory in enumerate(plan.memory):
         parts = "  ".join(_gib(memory[k]) for k in MEMORY_PARTS)
         lines.append(f"    {rank:>3}  {parts}  {_gib(memory['total'])}")
-        for where, name in (("host", "host memory"), ("nvme", "NVMe")):
+        for where, name in OFF.items():
             if memory[where]:
                 kinds, size = plan.kinds_in(where), _gib(memory[where])
                 lines.append(f"         ({kinds} in {name}: {size} GiB, not in the total)")

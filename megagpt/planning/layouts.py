@@ -219,8 +219,7 @@ def candidate_layouts(config: Config, world_size: int, gpus_per_node: int) -> It
     A config on the deepspeed engine gets DeepSpeed layouts alone (the engine is the
     user's choice): all ranks data parallel, ZeRO 1-3, each with its optimizer kept on
     the GPU or offloaded, at ZeRO-3 the parameters too (to NVMe as well where
-    parallel.nvme_path names a drive); no activation checkpointing, which that engine
-    does not apply."""
+    parallel.nvme_path names a drive), in each activation-checkpointing mode."""
     if config.parallel.engine == "deepspeed":
         yield from _deepspeed_layouts(config, world_size)
         return
@@ -235,7 +234,7 @@ def candidate_layouts(config: Config, world_size: int, gpus_per_node: int) -> It
 
 
 def _deepspeed_layouts(config: Config, world_size: int) -> Iterator[Layout]:
-    devices = ("none", "cpu", "nvme") if config.parallel.nvme_path else ("none", "cpu")
+    devices = OFFLOAD_DEVICES if config.parallel.nvme_path else OFFLOAD_DEVICES[:2]
     for zero in (1, 2, 3):
         for optimizer in devices if zero == 3 else ("none", "cpu"):  # nvme: ZeRO-3 only
             for params in devices if zero == 3 and optimizer != "none" else ("none",):

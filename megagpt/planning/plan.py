@@ -39,7 +39,8 @@ from megagpt.planning.memory import (
 from megagpt.planning.step_time import ACTIVATION_BYTES, step_time
 
 STATES = ("parameters", "gradients", "optimizer_state")
-OFF = ("host", "nvme")  # where offloaded states live, outside the GPU's total
+# Where offloaded states live, outside the GPU's total, and those places in words.
+OFF = {"host": "host memory", "nvme": "NVMe"}
 CONTEXT_BYTES = 2**30  # CUDA context, NCCL and cuBLAS workspaces: about 1 GiB per GPU
 MARGIN = 0.05  # of the rest: the caching allocator's fragmentation
 
@@ -119,16 +120,13 @@ def plan_layout(
     autocast = layout.engine == "native"  # DeepSpeed casts the model itself
     calibrations = calibrations or calibrate(config.model, precision, autocast)
     placement = state_placement(layout)
-    # The DeepSpeed engine wraps the plain GPT and checkpoints nothing, whatever
-    # parallel.activation_checkpointing says (parallel/deepspeed_engine.py): planned so.
-    runs = layout
     memory = []
     for pp_rank in range(layout.pp):
         if layout.engine == "deepspeed":
             rank = deepspeed_state_bytes(config, layout)
         else:
             rank = model_state_bytes(config, layout, pp_rank)
-        rank["activations"] = activation_bytes(config, runs, calibrations[runs.ac], pp_rank)
+        rank["activations"] = activation_bytes(config, layout, calibrations[layout.ac], pp_rank)
         rank["buffers"] = _buffers(config, layout, pp_rank, precision)
         # Offloaded, states live in host memory or on NVMe: shown, not in the GPU's total.
         away = {where: sum(rank[k] for k in STATES if placement[k] == where) for where in OFF}
@@ -143,7 +141,7 @@ def plan_layout(
         f"activations {ACTIVATION_BYTES[config.train.precision]}-byte, calibrated on megagpt's "
         "GPT (planning/calibrate.py)",
     ]
-    time = step_time(config, runs, gpu, gpus_per_node, matmul_tflops)
+    time = step_time(config, layout, gpu, gpus_per_node, matmul_tflops)
     return Plan(layout, memory, time, gpu.memory_bytes, notes, placement)
 
 

@@ -14,7 +14,7 @@ from megagpt.planning.calibrate import calibrate
 from megagpt.planning.hardware import Accelerator
 from megagpt.planning.layouts import Layout
 from megagpt.planning.memory import Calibration
-from megagpt.planning.plan import CONTEXT_BYTES, Plan, plan_layout, search
+from megagpt.planning.plan import CONTEXT_BYTES, OFF, Plan, plan_layout, search
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -68,13 +68,13 @@ def startup_plan(config: Config, world_size: int, device: torch.device) -> Plan 
         *(worst[k] / GIB for k in ("parameters", "gradients", "optimizer_state")),
         *(worst[k] / GIB for k in ("activations", "buffers", "margin")),
     )
-    for where in ("host", "nvme"):
+    for where, name in OFF.items():
         if worst[where]:
             log.info(
                 "plan: %s offloaded: %.2f GiB per rank in %s",
                 plan.kinds_in(where),
                 worst[where] / GIB,
-                "host memory" if where == "host" else "NVMe",
+                name,
             )
     if plan.fits or not config.train.memory_check:
         return plan
