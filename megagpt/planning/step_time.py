@@ -165,16 +165,11 @@ def _native_traffic(
     dp_bw = gpu.intra_node_gbps if layout.tp * d <= gpus_per_node else gpu.inter_node_gbps
     # FSDP2 communicates block by block: one collective per block (and one for the rest).
     calls = layers_here + 1
-    if layout.zero == 0 and layout.cp == 1:
-        data = _ring(grads, d, dp_bw, 2) + 2 * calls * _ring(0, d, dp_bw, 1, gpu.latency_us)
-    else:
-        passes = _sharded_passes(layout, microbatches)
-        data = _ring(grads, d, dp_bw, passes) + passes * calls * _ring(
-            0, d, dp_bw, 1, gpu.latency_us
-        )
-    exposed_data = min(data, 2 * data / max(layers_here, 1) + max(0.0, data - compute))
-    if not gpu.overlap:
-        exposed_data = data
+    # Plain data parallelism all-reduces once per step: twice a reduce-scatter's passes.
+    passes = _sharded_passes(layout, microbatches) or 2
+    data = _ring(grads, d, dp_bw, passes) + passes * calls * _ring(0, d, dp_bw, 1, gpu.latency_us)
+    unhidden = 2 * data / max(layers_here, 1) + max(0.0, data - compute)
+    exposed_data = min(data, unhidden) if gpu.overlap else data
 
     local_params = grads / 4 / layout.shard
     optimizer = 28 * local_params / (gpu.memory_bandwidth_gbps * 1e9 * 0.8)
@@ -244,9 +239,8 @@ def _deepspeed_traffic(
         gather = _ring(whole * width, d, bw, passes) + passes * calls * _ring(
             0, d, bw, 1, gpu.latency_us
         )
-        exposed = reduce + min(gather, gather / calls + max(0.0, gather - compute))
-        if not gpu.overlap:
-            exposed = reduce + gather
+        unhidden = gather / calls + max(0.0, gather - compute)
+        exposed = reduce + (min(gather, unhidden) if gpu.overlap else gather)
     else:
         gather = _ring(whole * width, d, bw, 1) + buckets * _ring(0, d, bw, 1, gpu.latency_us)
         exposed = reduce + gather
