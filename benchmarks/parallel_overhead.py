@@ -60,12 +60,18 @@ def write_random_tokens(prefix: Path, vocab: int, documents: int, length: int) -
             writer.add_document(rng.integers(0, vocab, length))
 
 
-def measure(overrides: list[str], base: list[str], workdir: Path, steps: int) -> float:
+def step_rates(overrides: list[str], base: list[str], workdir: Path, world: int = 2) -> list[float]:
+    """tokens/s of each step after step 2 of megagpt training `base` + `overrides` on
+    `world` gloo ranks."""
     out = workdir / f"run-{time.monotonic_ns()}"
     config = load_config(None, [*base, *overrides, f"train.output_dir={out}"])
-    run_distributed(train, 2, args=(config,), timeout_s=1800)
+    run_distributed(train, world, args=(config,), timeout_s=1800)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return statistics.median(r["tokens_per_s"] for r in records if r["step"] > 2)
+    return [r["tokens_per_s"] for r in records if r["step"] > 2]
+
+
+def measure(overrides: list[str], base: list[str], workdir: Path, steps: int) -> float:
+    return statistics.median(step_rates(overrides, base, workdir))
 
 
 def main() -> None:

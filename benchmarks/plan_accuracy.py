@@ -24,7 +24,6 @@ time: layouts of 2 gloo ranks (one thread each) trained by megagpt's own loop
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from parallel_overhead import measure, write_random_tokens  # noqa: E402
+from parallel_overhead import measure, step_rates, write_random_tokens  # noqa: E402
 
 from megagpt.config import load_config  # noqa: E402
 from megagpt.model.flops import flops_per_token, parameter_counts  # noqa: E402
@@ -49,7 +48,6 @@ from megagpt.planning.hardware import cpu_accelerator  # noqa: E402
 from megagpt.planning.layouts import Layout  # noqa: E402
 from megagpt.planning.plan import plan_layout  # noqa: E402
 from megagpt.testing import run_distributed  # noqa: E402
-from megagpt.training.trainer import train  # noqa: E402
 from tests.activation_probe import measure_layout, probe_config  # noqa: E402
 from tests.test_plan import MEASURED_LAYOUTS  # noqa: E402
 
@@ -181,11 +179,7 @@ def copy_gbps() -> float:
 
 def measure_single(base: list[str], workdir: Path) -> float:
     """Median tokens/s of one process (one thread) training `base`, after step 2."""
-    out = workdir / f"single-{time.monotonic_ns()}"
-    config = load_config(None, [*base, f"train.output_dir={out}"])
-    run_distributed(train, 1, args=(config,), timeout_s=1800)
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return statistics.median(r["tokens_per_s"] for r in records if r["step"] > 2)
+    return statistics.median(step_rates([], base, workdir, world=1))
 
 
 def _kendall(a: list[float], b: list[float]) -> float:
@@ -217,12 +211,9 @@ def quiet_step_seconds(overrides: list[str], base: list[str], workdir: Path) -> 
     """The lower quartile of a 2-rank run's step times after step 2: a slope between
     two runs is a difference of small numbers, and one burst of the host's CPU steal in
     either (they come and go here, doubling a step) would swamp it."""
-    out = workdir / f"narrow-{time.monotonic_ns()}"
-    config = load_config(None, [*base, *overrides, f"train.output_dir={out}"])
-    run_distributed(train, 2, args=(config,), timeout_s=1800)
+    config = load_config(None, [*base, *overrides])
     tokens = config.train.global_batch_size * config.data.seq_len
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    seconds = [tokens / r["tokens_per_s"] for r in records if r["step"] > 2]
+    seconds = [tokens / rate for rate in step_rates(overrides, base, workdir)]
     return statistics.quantiles(seconds, n=4)[0]
 
 
