@@ -203,6 +203,16 @@ def test_accelerator_table_and_user_file(tmp_path):
     extra.write_text("bad-gpu:\n  memory_gib: 24\n  speed: 3\n")
     with pytest.raises(ConfigError, match=r"gpus.yaml: entry 'bad-gpu' has unknown keys"):
         load_accelerators(extra)
+    for line, message in (
+        ("memory_gib: 24GB", r"memory_gib = '24GB' must be a number"),
+        ("overlap: 'false'", r"overlap = 'false' must be true or false"),
+        ("achievable: true", r"achievable = True must be a number"),
+    ):
+        extra.write_text(f"h100-80gb:\n  {line}\n")
+        with pytest.raises(ConfigError, match=rf"gpus.yaml: entry 'h100-80gb': {message}"):
+            load_accelerators(extra)
+    extra.write_text("h100-80gb:\n  overlap: false\n  block_overhead_us: 12\n")
+    assert not load_accelerators(extra)["h100-80gb"].overlap
     with pytest.raises(ConfigError, match="not in the accelerator table; known: a100-40gb"):
         find_accelerator("tpu", table)
 

@@ -108,7 +108,8 @@ def load_accelerators(path: str | Path | None = None) -> dict[str, Accelerator]:
         raise ConfigError(f"{path}: cannot read the accelerator table: {err}") from err
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: must map accelerator names to their numbers")
-    fields = {f.name for f in dataclasses.fields(Accelerator)} - {"name"}
+    kinds = {f.name: f.type for f in dataclasses.fields(Accelerator)}  # "float", "bool", "str"
+    fields = set(kinds) - {"name"}
     required = {f.name for f in dataclasses.fields(Accelerator) if f.default is dataclasses.MISSING}
     for name, values in tree.items():
         if not isinstance(values, dict):
@@ -119,6 +120,11 @@ def load_accelerators(path: str | Path | None = None) -> dict[str, Accelerator]:
                 f"{path}: entry {name!r} has unknown keys {sorted(unknown)}; "
                 f"known: {sorted(fields)}"
             )
+        for key, value in values.items():
+            if not _of_kind(value, kinds[key]):
+                raise ConfigError(
+                    f"{path}: entry {name!r}: {key} = {value!r} must be {_KIND_WORDS[kinds[key]]}"
+                )
         base = dataclasses.asdict(table[name]) if name in table else {}
         merged = {**base, **values, "name": str(name)}
         missing = required - set(merged)
@@ -126,6 +132,19 @@ def load_accelerators(path: str | Path | None = None) -> dict[str, Accelerator]:
             raise ConfigError(f"{path}: entry {name!r} lacks {sorted(missing)}")
         table[str(name)] = Accelerator(**merged)
     return table
+
+
+_KIND_WORDS = {"float": "a number", "bool": "true or false", "str": "text"}
+
+
+def _of_kind(value, kind: str) -> bool:
+    """Whether a YAML value fits an Accelerator field (YAML's true is no number, and
+    the text "false" is no boolean: it would read as true)."""
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def find_accelerator(name: str, table: dict[str, Accelerator]) -> Accelerator:
