@@ -24,7 +24,7 @@ from megagpt.parallel.memory import memory_placement, memory_split
 from megagpt.parallel.parallelize import parallelize
 from megagpt.testing import run_distributed
 from megagpt.training.trainer import train
-from tests.test_parallel import GPT2, PP2, TP2, base_config
+from tests.test_parallel import GPT2, PP2, TP2, assert_trained_alike, base_config
 
 OFFLOAD = "parallel.offload_optimizer=cpu"
 OFFLOAD_PARAMS = "parallel.offload_params=cpu"  # the same on the native engine
@@ -67,12 +67,7 @@ def test_offload_trains_like_one_process(world, layout, reference, tmp_path):
     torch.testing.assert_close(
         torch.tensor(result.losses), torch.tensor(reference_result.losses), rtol=1e-5, atol=0
     )
-    weights = consolidated_state_dict(tmp_path)[0]
-    assert weights.keys() == reference_weights.keys()
-    for key, value in reference_weights.items():
-        torch.testing.assert_close(
-            weights[key], value, rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
-        )
+    assert_trained_alike(consolidated_state_dict(tmp_path)[0], reference_weights, config.optim.lr)
 
 
 def placements_after_a_step(configs: list[Config]):

@@ -2,14 +2,19 @@
 
 Each layout trains a tiny GPT for 5 optimizer steps on real gloo ranks, from the same
 initial weights and data as a single-process run, with dropout off and fp32: the loss
-of every step must agree within 1e-5 relative and the final weights within 1e-5. The
-first step's gradients are compared directly as well.
+of every step must agree within 1e-5 relative and the final weights within 1e-5 (see
+below for the few that Adam may move further). The first step's gradients are compared
+directly as well.
 
 The learning rate is 3e-4. Adam divides each update by the running RMS of its
-gradient, so a component whose gradient nearly cancels from step to step turns fp32
-noise (gradients agree to 5e-7 of their scale) into visible weight differences, in
+gradient, so a component whose gradient is near zero or cancels from step to step turns
+fp32 noise (gradients agree to 5e-7 of their scale) into visible weight differences, in
 proportion to the learning rate: 1.06e-5 at lr 1e-3 and 3.2e-6 at 3e-4 for the
-Llama-shaped model under tensor parallelism.
+Llama-shaped model under tensor parallelism on this machine, and 1.46e-5 at 3e-4 in one
+element of 32,768 under context parallelism on a CI host (2.5e-6 here). Hence
+`assert_trained_alike`: every weight within 1e-5 (+ 1e-5 relative), except at most one
+in a thousand, which may be off by a fifth of a step (lr / 5); a wrong gradient moves
+most of a tensor.
 """
 
 from __future__ import annotations
@@ -117,12 +122,21 @@ def test_layout_trains_like_one_process(name, family, world, layout, references,
     assert all(r.losses == results[0].losses for r in results)  # every rank logs the same
     if name.startswith("dp2-zero"):
         assert_zero_memory(config, config.parallel.zero_stage, results[0].memory)
-    weights = consolidated_state_dict(tmp_path)[0]
-    assert weights.keys() == reference_weights.keys()
-    for key, value in reference_weights.items():
-        torch.testing.assert_close(
-            weights[key], value, rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
+    assert_trained_alike(consolidated_state_dict(tmp_path)[0], reference_weights, config.optim.lr)
+
+
+def assert_trained_alike(weights: dict, reference: dict, lr: float) -> None:
+    """Final weights of a layout against the single-process ones (module docstring: Adam
+    may amplify fp32 noise in a few components up to a fraction of one step)."""
+    assert weights.keys() == reference.keys()
+    for key, value in reference.items():
+        difference = (weights[key] - value).abs()
+        outliers = int((difference > 1e-5 + 1e-5 * value.abs()).sum())
+        assert outliers <= value.numel() // 1000, (
+            f"{key}: {outliers} of {value.numel()} weights differ by more than 1e-5 "
+            f"(largest {difference.max():.3g})"
         )
+        assert difference.max() <= lr / 5, f"{key}: a weight differs by {difference.max():.3g}"
 
 
 GRADIENT_LAYOUTS = [
