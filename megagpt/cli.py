@@ -269,6 +269,9 @@ def _import(args) -> None:
 
 
 def _train(args) -> int:
+    from megagpt.training.preemption import hold_stop_signals
+
+    hold_stop_signals()  # again: the `megagpt` script does not start in __main__.py
     from megagpt.config import load_config
     from megagpt.training.trainer import exit_code, train
 
@@ -276,6 +279,9 @@ def _train(args) -> int:
 
 
 def _finetune(args) -> int:
+    from megagpt.training.preemption import hold_stop_signals
+
+    hold_stop_signals()
     from megagpt.config import ConfigError, load_config
     from megagpt.training.trainer import exit_code, train
 

@@ -179,7 +179,8 @@ def test_rendered_script_for_a_multi_node_gpu_job(tmp_path):
         assert expected in options
     assert "max_restarts=5" in script and "requeue_exit_code=75" in script
     assert 'scontrol requeue "${SLURM_JOB_ID}"' in script
-    srun = script[script.index("srun ") : script.index(" &\n")].replace("\\\n", " ")
+    start = script.index("\nsrun ") + 1  # the command line, not a comment naming srun
+    srun = script[start : script.index(" &\n", start)].replace("\\\n", " ")
     words = shlex.split(srun)
     assert words[: words.index("--")][-2:] == ["--nproc-per-node", "8"]
     # the overrides come back exactly, spaces and quotes included

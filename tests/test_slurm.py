@@ -255,9 +255,9 @@ def standin_lines(log: Path, rank: int = 0) -> list[str]:
 
 
 def test_time_limit_warning_checkpoints_and_requeues(cluster, tmp_path):
-    # --time 1 minute with a 55 s lead: SLURM sends SIGUSR1 to the batch shell at its first
-    # time-limit check after 5 s (it checks every 30 s or so).
-    job = standin_job(tmp_path, 1, "1", 55, "--finish-from-restart=1")
+    # --time 1 minute with a 40 s lead: SLURM sends SIGUSR1 to the batch shell at its first
+    # time-limit check after 20 s (it checks every 30 s), when the ranks have started.
+    job = standin_job(tmp_path, 1, "1", 40, "--finish-from-restart=1")
     job_id, log = submit_job(job)
     wait_for_file(tmp_path / "ready-0", cluster, log)
     # the restarted run would get the same warning: give it room to finish
@@ -274,6 +274,22 @@ def test_time_limit_warning_checkpoints_and_requeues(cluster, tmp_path):
     # one log across both runs, in order
     assert text.index("(restart 0, at most 1)") < text.index("(restart 1, at most 1)")
     assert job_field(cluster, job_id, "Restarts") == "1"
+
+
+def test_a_stop_signal_while_training_starts_is_repeated_until_it_arrives(cluster, tmp_path):
+    # Sent when the torchrun agent is up but has no workers to pass it to yet (as a
+    # time-limit warning or preemption may come): the batch shell repeats it every 10 s.
+    job_id, log = submit_job(standin_job(tmp_path, 0, "10", 60, "--max-seconds=40"))
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "node 0 of 1: torchrun" in log.read_text()):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.05)
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    assert not (tmp_path / "ready-0").exists()  # the workers were still starting
+    wait_for_job(cluster, job_id)
+    text = log.read_text()
+    assert re.search(r"rank 0 restart 0 stops at step \d+ \(this rank got SIGUSR1\)", text), text
+    assert "training exited with status 75" in text
 
 
 def test_scancel_signals_requeue_until_max_restarts(cluster, tmp_path):

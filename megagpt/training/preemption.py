@@ -13,6 +13,10 @@ step, whether any rank got one, so every rank leaves after the same step:
 Signals reach ranks at different moments (or only some ranks: `scancel --signal` to
 one node, a forwarded warning that races a step), so a rank deciding alone would
 leave the others blocked in the next collective; the all-reduce makes it one decision.
+
+A training process is seconds to minutes from its first step (imports, building the
+model, loading a checkpoint), and SIGUSR1's default action is death: `megagpt train`
+calls `hold_stop_signals()` first thing, and the handler adopts what came meanwhile.
 """
 
 from __future__ import annotations
@@ -25,6 +29,22 @@ from types import FrameType
 from megagpt.contract import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
+
+_held: signal.Signals | None = None
+"""The first stop signal that came while hold_stop_signals was in charge."""
+
+
+def hold_stop_signals() -> None:
+    """Record stop signals instead of dying of them until a PreemptionHandler installs:
+    it adopts the first one, so the run stops, with a checkpoint, after its first step."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _hold)
+
+
+def _hold(signum: int, frame: FrameType | None) -> None:
+    global _held
+    if _held is None:
+        _held = signal.Signals(signum)
 
 
 class PreemptionHandler:
@@ -54,11 +74,19 @@ class PreemptionHandler:
         self._previous: dict[signal.Signals, object] = {}
 
     def install(self) -> PreemptionHandler:
-        """Replace the handlers of `signals` in this process; returns self."""
+        """Replace the handlers of `signals` in this process; returns self. A stop signal
+        held since `hold_stop_signals` counts as received here."""
+        global _held
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("signal handlers can only be installed from the main thread")
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._record)
+            previous = signal.signal(sig, self._record)
+            # The hold was for start-up only: after this handler, the default action.
+            self._previous[sig] = signal.SIG_DFL if previous is _hold else previous
+        if self.received is None and _held in self.signals:
+            self.received = _held
+            log.warning("%s came while the run was starting: it stops after a step", _held.name)
+        _held = None
         return self
 
     def uninstall(self) -> None:
