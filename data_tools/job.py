@@ -173,8 +173,10 @@ def _tokenize(options, layout: JobLayout, files: range, kinds) -> dict:
 
 def finish_job(layout: JobLayout, options: PreprocessOptions) -> dict | None:
     """Once every task has tokenized, write the job's manifest and summary (done by the
-    last task to finish, under a lock; None while tasks are still running)."""
-    with RunLock(layout.directory / "finish.lock", "job completion", "wait a moment"):
+    last task to finish, under a lock; None while tasks are still running). Tasks that
+    finish together take turns, and each may write the job's manifest, the same one."""
+    lock = RunLock(layout.directory / "finish.lock", "job completion", "run it again", wait_s=120)
+    with lock:
         states = [RunState(layout.task_prefix(t)) for t in range(layout.num_tasks)]
         if not all(state.manifest_path.exists() for state in states):
             return None

@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -26,6 +27,7 @@ from data_tools.preprocess import main
 from data_tools.tasks import JobLayout, split_files
 from megagpt.data import IndexedDataset
 from megagpt.data.manifest import read_manifest
+from megagpt.utils.run_lock import RunLock
 
 WORD = re.compile(rb"[0-9a-z\x80-\xff]+")
 
@@ -331,6 +333,22 @@ def test_tasks_without_files_write_nothing_and_the_job_completes(tmp_path, plant
     assert job_outputs(tmp_path / "three/c") == job_outputs(tmp_path / "one/c")
     manifests = [read_manifest(tmp_path / f"three/c_task{i:05d}.manifest.json") for i in range(3)]
     assert sorted(len(m) for m in manifests) == [0, 1, 1]
+
+
+def test_tasks_finishing_together_take_turns_writing_the_job(tmp_path, planted, tokenizer):
+    inputs = write_parts(tmp_path / "in", planted, 4)
+    assert preprocess(inputs, tokenizer, tmp_path / "one/c", "--near-dedup") == 0
+    prefix, near = tmp_path / "two/c", ("--near-dedup", "--num-tasks", "2")
+    for phase, index in (("scan", 0), ("scan", 1), ("dedup", 0), ("tokenize", 0)):
+        args = ("--phase", phase, "--task-index", str(index))
+        assert preprocess(inputs, tokenizer, prefix, *near, *args) == 0
+    # Task 0 is still writing the job's manifest when task 1 finishes (under SLURM: the
+    # array task failed with "in use by another job completion").
+    other = RunLock(tmp_path / "two/c.job/finish.lock", "job completion", "")
+    threading.Timer(1.0, other.acquire().release).start()
+    args = ("--phase", "tokenize", "--task-index", "1")
+    assert preprocess(inputs, tokenizer, prefix, *near, *args) == 0
+    assert job_outputs(prefix) == job_outputs(tmp_path / "one/c")
 
 
 def tokenize_command(inputs, tokenizer, prefix, task):

@@ -39,11 +39,14 @@ class RunLock:
         path: The lock file, e.g. <output_dir>/.megagpt.lock.
         what: The kind of job, for messages ("training run", "megagpt-preprocess").
         hint: What the refused user can do, e.g. "choose another train.output_dir".
+        wait_s: How long to wait for a holder to finish before refusing: 0 for a second
+            writer (refuse at once), more for a short turn that each process takes.
     """
 
-    def __init__(self, path: str | Path, what: str, hint: str):
+    def __init__(self, path: str | Path, what: str, hint: str, wait_s: float = 0):
         self.path = Path(path)
         self.what, self.hint = what, hint
+        self.wait_s = wait_s
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -54,15 +57,21 @@ class RunLock:
                 f"cannot write {self.path} ({error.strerror}): the {self.what} needs a "
                 f"writable directory; {self.hint}"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise RunLockedError(
-                f"{self.path.parent} is in use by another {self.what}: {describe(holder)}; "
-                f"wait for it to finish or stop it, or {self.hint}"
-            ) from None
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)  # polled, not blocking: a lost NFS holder can't hang us
+                    continue
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by another {self.what}: {describe(holder)}; "
+                    f"wait for it to finish or stop it, or {self.hint}"
+                ) from None
         previous = _read_holder(fd)
         if previous:
             log.info(
