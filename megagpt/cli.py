@@ -13,6 +13,7 @@ from megagpt.errors import report_user_errors
 from megagpt.launch.cli import add_launch_commands, run_launch, run_sweep_report
 from megagpt.launch.search_cli import run_compare
 from megagpt.plan_cli import add_plan_command, run_plan
+from megagpt.training.preemption import hold_stop_signals
 
 OVERRIDES_HELP = "settings as section.key=value (e.g. optim.lr=3e-4 model.n_layers=4)"
 FIELDS_HINT = "Every setting, its type, default and meaning: megagpt config fields"
@@ -269,9 +270,6 @@ def _import(args) -> None:
 
 
 def _train(args) -> int:
-    from megagpt.training.preemption import hold_stop_signals
-
-    hold_stop_signals()  # again: the `megagpt` script does not start in __main__.py
     from megagpt.config import load_config
     from megagpt.training.trainer import exit_code, train
 
@@ -279,9 +277,6 @@ def _train(args) -> int:
 
 
 def _finetune(args) -> int:
-    from megagpt.training.preemption import hold_stop_signals
-
-    hold_stop_signals()
     from megagpt.config import ConfigError, load_config
     from megagpt.training.trainer import exit_code, train
 
@@ -487,6 +482,8 @@ def _config(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "finetune"):
+        hold_stop_signals()  # again: the `megagpt` script does not start in __main__.py
     handlers = {
         "train": _train,
         "finetune": _finetune,
